@@ -1,0 +1,16 @@
+"""l2l_fused: the learned LSTM optimizer of Andrychowicz et al. (2016), fused for real models."""
+
+from . import reference_backend  # noqa: F401  (registers the "reference" backend)
+from .backends import available as available_backends
+from .net import LSTMOptimizerNet
+from .optim import L2LOptimizer
+from .reference import l2l_step_ref, l2l_update_ref, preprocess
+
+__all__ = [
+    "LSTMOptimizerNet",
+    "L2LOptimizer",
+    "available_backends",
+    "l2l_step_ref",
+    "l2l_update_ref",
+    "preprocess",
+]

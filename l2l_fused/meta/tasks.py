@@ -1,0 +1,80 @@
+"""Tasks: distributions over optimizee functions f that a learned optimizer is meta-trained on.
+
+A task samples a batch of B independent functions at once as one :class:`Problem`. Its parameters carry a
+leading batch dimension and ``loss`` returns one loss per function, so any coordinatewise optimizer
+(the learned one, SGD, Adam, ...) run on the batch optimizes each function independently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+class Problem:
+    """B sampled functions: their initial parameters and their losses."""
+
+    params: list[Tensor]  # initial values, each [B, ...], not requiring grad
+
+    def loss(self, params: list[Tensor], step: int) -> Tensor:
+        """Per-function losses ``[B]`` at ``params`` (same shapes as ``self.params``) at optimization step
+        ``step`` (tasks with minibatches draw step's batch; deterministic ones ignore it)."""
+        raise NotImplementedError
+
+
+class Task:
+    """A distribution over functions, with the optimizer settings the paper used for it."""
+
+    name: str
+    preprocess_p: float | None
+    output_scale: float
+
+    def sample(self, n_functions: int, generator: torch.Generator) -> Problem:
+        raise NotImplementedError
+
+    def net_options(self) -> dict:
+        return {"preprocess_p": self.preprocess_p, "output_scale": self.output_scale}
+
+
+@dataclass
+class QuadraticProblem(Problem):
+    w: Tensor  # [B, d, d]
+    y: Tensor  # [B, d]
+    theta0: Tensor  # [B, d]
+
+    @property
+    def params(self) -> list[Tensor]:
+        return [self.theta0]
+
+    def loss(self, params: list[Tensor], step: int) -> Tensor:
+        (theta,) = params
+        residual = torch.einsum("bij,bj->bi", self.w, theta) - self.y
+        return residual.pow(2).sum(-1)
+
+
+class QuadraticTask(Task):
+    """``f(θ) = ‖Wθ − y‖²`` with W and y IID standard Gaussian (paper §3.1).
+
+    θ starts at N(0, init_std²), as in the paper's published code (0.01). The paper feeds the raw gradient
+    (no preprocessing) with output scale 1.
+    """
+
+    name = "quadratic"
+    preprocess_p = None
+    output_scale = 1.0
+
+    def __init__(self, dim: int = 10, init_std: float = 0.01) -> None:
+        self.dim = dim
+        self.init_std = init_std
+
+    def sample(self, n_functions: int, generator: torch.Generator) -> QuadraticProblem:
+        d = self.dim
+        w = torch.randn(n_functions, d, d, generator=generator)
+        y = torch.randn(n_functions, d, generator=generator)
+        theta0 = self.init_std * torch.randn(n_functions, d, generator=generator)
+        return QuadraticProblem(w=w, y=y, theta0=theta0)
+
+
+TASKS = {"quadratic": QuadraticTask}

@@ -1,0 +1,156 @@
+"""Meta-training of φ (SPEC §3): K steps per sampled batch of functions, in truncations of T, Adam on φ."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from ..net import LSTMOptimizerNet
+from .tasks import Task
+from .unroll import Trajectory, learned_losses
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    iterations_per_epoch: int = 50  # sampled batches of functions per epoch
+    batch_size: int = 128  # functions per batch
+    steps: int = 100  # K, optimizee steps per batch
+    truncation: int = 20  # T, steps per backpropagation
+    lr: float = 1e-3  # Adam on φ
+    grad_clip: Optional[float] = 1.0  # max norm of φ's gradient per update; None = no clipping
+    val_functions: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps % self.truncation:
+            raise ValueError(f"steps ({self.steps}) must be a multiple of truncation ({self.truncation})")
+
+
+def trajectory_score(losses: torch.Tensor) -> float:
+    """Validation loss: the meta-objective, mean over functions of the summed losses, per step.
+
+    A diverged run (inf or NaN) is worse than any finite one.
+    """
+    value = losses[1:].mean().item()
+    return value if math.isfinite(value) else math.inf
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0
+    best_val: float = math.inf
+    best_epoch: int = -1
+    history: list = field(default_factory=list)  # per epoch: {"epoch", "train_loss", "val_loss"}
+
+
+class MetaTrainer:
+    """Meta-trains ``net`` on ``task``; keeps the φ with the best validation loss.
+
+    Functions are drawn from a generator seeded by ``config.seed``; the validation functions are drawn
+    once from seed + 1. A checkpoint at an epoch boundary holds everything that decides the rest of the
+    run (φ, best φ, Adam, the generator, the epoch), so a resumed run is bit-identical to an uninterrupted
+    one on the same machine and backend.
+    """
+
+    def __init__(self, net: LSTMOptimizerNet, task: Task, config: TrainConfig, backend: str = "auto") -> None:
+        self.net, self.task, self.config, self.backend = net, task, config, backend
+        self.meta_optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.validation = task.sample(config.val_functions, torch.Generator().manual_seed(config.seed + 1))
+        self.best_state = copy.deepcopy(net.state_dict())
+        self.state = TrainState()
+
+    def train_batch(self) -> float:
+        """One sampled batch: K steps, a φ update after every truncation. Returns the mean loss."""
+        cfg = self.config
+        trajectory = Trajectory(self.net, self.task.sample(cfg.batch_size, self.generator), self.backend)
+        total = 0.0
+        for _ in range(cfg.steps // cfg.truncation):
+            losses = trajectory.advance(cfg.truncation)  # [T, B]
+            meta_loss = losses.sum(0).mean()  # w_t = 1; mean over the batch of functions
+            self.meta_optimizer.zero_grad()
+            meta_loss.backward()
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
+            self.meta_optimizer.step()
+            trajectory.detach()
+            total += losses.detach().mean().item()
+        return total / (cfg.steps // cfg.truncation)
+
+    def validate(self) -> float:
+        return trajectory_score(learned_losses(self.net, self.validation, self.config.steps, self.backend))
+
+    def train(self, checkpoint_path: Optional[str] = None, progress: bool = True) -> TrainState:
+        """Run the remaining epochs; after each, validate, keep the best φ, and checkpoint."""
+        cfg = self.config
+        epochs = range(self.state.epoch, cfg.epochs)
+        bar = tqdm(total=len(epochs) * cfg.iterations_per_epoch, disable=not progress, desc="meta-train")
+        for epoch in epochs:
+            train_loss = sum(self.train_batch() for _ in _ticking(bar, cfg.iterations_per_epoch)) / cfg.iterations_per_epoch
+            val = self.validate()
+            if val < self.state.best_val:
+                self.state.best_val, self.state.best_epoch = val, epoch
+                self.best_state = copy.deepcopy(self.net.state_dict())
+            self.state.history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val})
+            self.state.epoch = epoch + 1
+            bar.set_postfix(val=f"{val:.4g}", best=f"{self.state.best_val:.4g}")
+            if checkpoint_path:
+                self.save(checkpoint_path)
+        bar.close()
+        return self.state
+
+    def best_net(self) -> LSTMOptimizerNet:
+        best = copy.deepcopy(self.net)
+        best.load_state_dict(self.best_state)
+        return best
+
+    def save(self, path: str) -> None:
+        """Checkpoint, written atomically (a crash mid-write leaves the previous one intact)."""
+        payload = {
+            "net_config": self.net.config(),
+            "net": self.net.state_dict(),
+            "best_net": self.best_state,
+            "meta_optimizer": self.meta_optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "train_config": asdict(self.config),
+            "task": self.task.name,
+            "state": asdict(self.state),
+        }
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp"
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+
+    def load(self, path: str) -> None:
+        """Resume from :meth:`save`'s checkpoint; the net's config and the task must match."""
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if payload["net_config"] != self.net.config():
+            raise ValueError(f"checkpoint {path} is for a net {payload['net_config']}, not {self.net.config()}")
+        if payload["task"] != self.task.name:
+            raise ValueError(f"checkpoint {path} is for task {payload['task']!r}, not {self.task.name!r}")
+        self.net.load_state_dict(payload["net"])
+        self.best_state = payload["best_net"]
+        self.meta_optimizer.load_state_dict(payload["meta_optimizer"])
+        self.generator.set_state(payload["generator"])
+        self.state = TrainState(**payload["state"])
+
+
+def _ticking(bar, n: int):
+    for i in range(n):
+        yield i
+        bar.update(1)
+
+
+def load_best_net(path: str) -> LSTMOptimizerNet:
+    """The best φ of a trainer checkpoint as a ready ``LSTMOptimizerNet``."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    net = LSTMOptimizerNet(**payload["net_config"])
+    net.load_state_dict(payload["best_net"])
+    return net

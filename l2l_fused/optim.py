@@ -1,0 +1,177 @@
+"""``L2LOptimizer``: the learned optimizer as a ``torch.optim.Optimizer``."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import backends
+from .net import LSTMOptimizerNet
+
+_STATE_KEYS = ("h", "c")
+
+
+def _check_net(net, where: str) -> None:
+    if net is None:
+        raise ValueError(f"{where}: no net; pass net= to L2LOptimizer or put 'net' in the param group")
+    if not isinstance(net, LSTMOptimizerNet):
+        raise TypeError(f"{where}: net must be an l2l_fused.LSTMOptimizerNet, got {type(net).__name__}")
+
+
+def _state_shape(net: LSTMOptimizerNet, p: Tensor) -> tuple[int, int, int]:
+    return (net.num_layers, p.numel(), net.hidden_size)
+
+
+class L2LOptimizer(Optimizer):
+    """Updates every coordinate with a learned LSTM optimizer: ``p += net(p.grad, state)``.
+
+    Each param group is updated as one flat set of coordinates (one kernel launch per group and device
+    on the fused backends). Per parameter the state holds ``h`` and ``c``, each ``[L, numel, H]`` float32,
+    zero at the first step. Parameters of any floating dtype are supported; the network runs in float32
+    and ``θ + Δ`` is added in float32 (float64 for float64 parameters).
+
+    Args:
+        params: an iterable of parameters or of param-group dicts, as for any ``torch.optim`` optimizer.
+        net: the ``LSTMOptimizerNet`` for groups that name none (groups may each bring their own, e.g.
+            one net for conv and one for fully connected parameters). Its weights are read, not trained.
+        backend: ``"auto"`` (fastest available for the parameters' device), or a name from
+            ``l2l_fused.available_backends(device)``.
+    """
+
+    def __init__(self, params, net: Optional[LSTMOptimizerNet] = None, backend: str = "auto") -> None:
+        if net is not None:
+            _check_net(net, "net")
+        backends.check_name(backend)
+        super().__init__(params, {"net": net, "backend": backend})
+        # The net is a module, not a hyperparameter: a state dict carries its config only, so it stays
+        # loadable with torch.load(weights_only=True) and is checked against the net on load.
+        self.register_state_dict_post_hook(_nets_to_configs, prepend=True)
+
+    def add_param_group(self, param_group: dict) -> None:
+        index = len(self.param_groups)
+        _check_net(param_group.get("net", self.defaults["net"]), f"param group {index}")
+        backends.check_name(param_group.get("backend", self.defaults["backend"]))
+        super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            if not p.is_floating_point():
+                self.param_groups.pop()
+                raise ValueError(f"params: L2LOptimizer needs real floating-point parameters, got one of dtype {p.dtype}")
+
+    def _plan(self):
+        """Validate every group's gradients and state before anything is written.
+
+        Returns ``(net, backend, params)`` per group and device. A bad gradient raises here, leaving all
+        parameters and state as they were.
+        """
+        plan = []
+        for index, group in enumerate(self.param_groups):
+            net = group["net"]
+            by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if g.is_sparse:
+                    raise RuntimeError("L2LOptimizer does not support sparse gradients")
+                if g.shape != p.shape or g.device != p.device or g.dtype != p.dtype:
+                    raise ValueError(
+                        f"param group {index}: a gradient of shape {tuple(g.shape)}, {g.dtype} on {g.device} "
+                        f"does not match its parameter ({tuple(p.shape)}, {p.dtype} on {p.device})"
+                    )
+                state = self.state.get(p)
+                if state and tuple(state["h"].shape) != _state_shape(net, p):
+                    raise ValueError(
+                        f"param group {index}: a parameter's optimizer state is {list(state['h'].shape)} but the "
+                        f"parameter ({tuple(p.shape)}) and net need {list(_state_shape(net, p))}; a parameter "
+                        "cannot change shape, nor a group its net size, while keeping its state"
+                    )
+                by_device[p.device].append(p)
+            for device, params in by_device.items():
+                plan.append((net, backends.resolve(group["backend"], device), params))
+        return plan
+
+    def _state_of(self, net: LSTMOptimizerNet, p: Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            shape = _state_shape(net, p)
+            for key in _STATE_KEYS:
+                state[key] = torch.zeros(shape, device=p.device, dtype=torch.float32)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every parameter that has a gradient; parameters with ``grad is None`` are
+        skipped and their state left as it is."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for net, impl, params in self._plan():
+            states = [self._state_of(net, p) for p in params]
+            impl.group_step(net, params, [p.grad for p in params], [s["h"] for s in states], [s["c"] for s in states])
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict from :meth:`state_dict`, exactly: the LSTM state keeps its saved dtype.
+
+        ``torch.optim.Optimizer.load_state_dict`` would cast state to each parameter's dtype (rounding a
+        float32 state to a bfloat16 parameter's precision), so this one is written out. Everything is
+        checked before anything is replaced: a state dict for another layout or net raises ``ValueError``
+        and leaves the optimizer as it was.
+        """
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        groups, saved_groups = self.param_groups, state_dict["param_groups"]
+        if len(groups) != len(saved_groups):
+            raise ValueError(
+                f"state_dict has {len(saved_groups)} param groups, this optimizer {len(groups)}"
+            )
+        id_map = {}
+        for index, (group, saved) in enumerate(zip(groups, saved_groups)):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(
+                    f"state_dict param group {index} has {len(saved['params'])} parameters, this optimizer's "
+                    f"{len(group['params'])}"
+                )
+            if saved.get("net") != group["net"].config():
+                raise ValueError(
+                    f"state_dict param group {index} was saved for a net {saved.get('net')}, this group's net "
+                    f"is {group['net'].config()}"
+                )
+            backends.check_name(saved.get("backend", self.defaults["backend"]))
+            id_map.update({saved_id: (p, group["net"]) for saved_id, p in zip(saved["params"], group["params"])})
+        state = defaultdict(dict)
+        for saved_id, saved_state in state_dict["state"].items():
+            if saved_id not in id_map:
+                raise ValueError(f"state_dict has state for parameter id {saved_id}, which no param group lists")
+            p, net = id_map[saved_id]
+            if set(saved_state) != set(_STATE_KEYS):
+                raise ValueError(f"state_dict state {saved_id} has keys {sorted(saved_state)}, expected {list(_STATE_KEYS)}")
+            for key in _STATE_KEYS:
+                if tuple(saved_state[key].shape) != _state_shape(net, p):
+                    raise ValueError(
+                        f"state_dict state {saved_id}[{key!r}] is {list(saved_state[key].shape)}, but its parameter "
+                        f"{tuple(p.shape)} with this net needs {list(_state_shape(net, p))}"
+                    )
+            state[p] = {key: saved_state[key].to(device=p.device, copy=True) for key in _STATE_KEYS}
+        new_groups = []
+        for group, saved in zip(groups, saved_groups):
+            new_group = {k: v for k, v in saved.items() if k not in ("params", "net")}
+            new_group.update(params=group["params"], net=group["net"])
+            new_groups.append(new_group)
+        self.__setstate__({"state": state, "param_groups": new_groups})
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+
+def _nets_to_configs(optimizer: L2LOptimizer, state_dict: dict) -> dict:
+    for group in state_dict["param_groups"]:
+        group["net"] = group["net"].config()
+    return state_dict

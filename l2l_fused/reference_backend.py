@@ -1,0 +1,50 @@
+"""The ``"reference"`` backend: :func:`l2l_step_ref` driven through autograd."""
+
+from __future__ import annotations
+
+import torch
+
+from . import backends
+from .reference import l2l_step_ref, l2l_update_ref
+
+
+def step(net, theta, grad, h, c):
+    return l2l_step_ref(
+        theta, grad, h, c, net.cell_weights(), net.head.weight, net.head.bias,
+        preprocess_p=net.preprocess_p, output_scale=net.output_scale,
+    )
+
+
+def update_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """Δ is computed in float32; ``θ + Δ`` is added in float32, or in θ's dtype where that is wider."""
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
+def group_step(net, params, grads, hs, cs):
+    """Concatenate the group into one flat float32 problem, step it once, write the pieces back.
+
+    This costs a copy of everything; it is the specification of what the fused kernels do in one launch.
+    """
+    device = params[0].device
+    cells = [tuple(w.detach().to(device, torch.float32) for w in ws) for ws in net.cell_weights()]
+    head_w = net.head.weight.detach().to(device, torch.float32)
+    head_b = net.head.bias.detach().to(device, torch.float32)
+    grad = torch.cat([g.reshape(-1).float() for g in grads])
+    h = torch.cat([s.float() for s in hs], dim=1)
+    c = torch.cat([s.float() for s in cs], dim=1)
+    delta, h, c = l2l_update_ref(
+        grad, h, c, cells, head_w, head_b, preprocess_p=net.preprocess_p, output_scale=net.output_scale
+    )
+    sizes = [p.numel() for p in params]
+    for p, d in zip(params, delta.split(sizes)):
+        wide = update_dtype(p.dtype)
+        p.copy_(p.to(wide) + d.view_as(p).to(wide))
+    for dst, src in zip(hs, h.split(sizes, dim=1)):
+        dst.copy_(src)
+    for dst, src in zip(cs, c.split(sizes, dim=1)):
+        dst.copy_(src)
+
+
+backends.register(
+    backends.Backend(name="reference", priority=0, is_available=lambda device: True, step=step, group_step=group_step)
+)

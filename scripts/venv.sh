@@ -1,0 +1,22 @@
+# Sourced by scripts/run.sh and scripts/test.sh: enter .venv, creating and filling it on first use.
+#
+# A torch that the invoking python3 can import (the GPU machines ship one, with CUDA) is used as it is:
+# the venv sees that interpreter's packages. Only where no torch is importable is torch==2.13.0 installed,
+# pinned, so pip never pulls an unpinned torch with gigabytes of CUDA packages.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    parent_site=$("$PYTHON" -c 'import site, sys; print("\n".join(site.getsitepackages() + [site.getusersitepackages()]))')
+    "$PYTHON" -m venv .venv
+    # Appended after the venv's own site-packages: the venv's installs win, the parent's fill the gaps.
+    echo "$parent_site" > "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_parent_site.pth"
+fi
+. .venv/bin/activate
+if ! python -c 'import torch' 2>/dev/null; then
+    python -m pip install -q torch==2.13.0
+fi
+if ! python -c 'import l2l_fused, pytest, hypothesis, matplotlib, tqdm' 2>/dev/null; then
+    # --no-build-isolation: an isolated build environment would resolve its own, unpinned, torch.
+    python -m pip install -q --no-build-isolation -e ".[test]"
+fi

@@ -1,0 +1,126 @@
+import math
+
+import pytest
+import torch
+
+from l2l_fused import LSTMOptimizerNet, l2l_step_ref
+from l2l_fused.meta import (BASELINES, MetaTrainer, QuadraticTask, TrainConfig, Trajectory, baseline_losses,
+                            load_best_net, lr_grid, tune)
+from l2l_fused.meta.baselines import final_score
+
+SMALL = dict(batch_size=16, steps=20, truncation=5, val_functions=32, iterations_per_epoch=4)
+
+
+def _net(seed):
+    torch.manual_seed(seed)
+    return LSTMOptimizerNet(**QuadraticTask().net_options())
+
+
+def test_quadratic_task_matches_paper():
+    task = QuadraticTask()
+    problem = task.sample(3, torch.Generator().manual_seed(0))
+    assert problem.w.shape == (3, 10, 10) and problem.y.shape == (3, 10) and problem.theta0.shape == (3, 10)
+    theta = torch.randn(3, 10)
+    expected = torch.stack([(problem.w[b] @ theta[b] - problem.y[b]).pow(2).sum() for b in range(3)])
+    torch.testing.assert_close(problem.loss([theta], 0), expected)
+    assert task.net_options() == {"preprocess_p": None, "output_scale": 1.0}
+
+
+def test_unroll_meta_gradient_is_first_order(seed):
+    """Trajectory's summed losses backpropagate like a hand-written unroll with detached gradients."""
+    task = QuadraticTask()
+    problem = task.sample(4, torch.Generator().manual_seed(seed))
+    net = _net(seed).double()
+    problem.w, problem.y, problem.theta0 = problem.w.double(), problem.y.double(), problem.theta0.double()
+
+    trajectory = Trajectory(net, problem, backend="reference")
+    losses = trajectory.advance(3)
+    assert not trajectory.grad.requires_grad
+    got = torch.autograd.grad(losses.sum(0).mean(), list(net.parameters()))
+
+    def f(theta):
+        return (torch.einsum("bij,bj->bi", problem.w, theta) - problem.y).pow(2).sum(-1)
+
+    def grad_f(theta):  # analytic ∇f, a constant: no second derivatives
+        return (2 * torch.einsum("bji,bj->bi", problem.w, torch.einsum("bij,bj->bi", problem.w, theta) - problem.y)).detach()
+
+    theta = problem.theta0.reshape(-1)
+    h, c = net.init_state(theta.numel())
+    total = 0
+    for _ in range(3):
+        g = grad_f(theta.view(4, 10)).reshape(-1)
+        theta, h, c = l2l_step_ref(theta, g, h, c, net.cell_weights(), net.head.weight, net.head.bias,
+                                   preprocess_p=None, output_scale=1.0)
+        total = total + f(theta.view(4, 10))
+    want = torch.autograd.grad(total.mean(), list(net.parameters()))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_short_meta_training_lowers_validation_loss(seed):
+    trainer = MetaTrainer(_net(seed), QuadraticTask(), TrainConfig(epochs=2, seed=seed, **SMALL))
+    before = trainer.validate()
+    state = trainer.train(progress=False)
+    assert state.best_val < 0.5 * before, (before, state.history)
+    assert state.best_val == min(h["val_loss"] for h in state.history)
+    trainer.net.load_state_dict(trainer.best_net().state_dict())
+    assert trainer.validate() == state.best_val  # the kept φ is the one that scored best
+
+
+def test_checkpoint_resume_is_bit_identical(seed, tmp_path):
+    config = TrainConfig(epochs=3, seed=seed, **SMALL)
+    straight = MetaTrainer(_net(seed), QuadraticTask(), config)
+    straight.train(progress=False)
+
+    path = str(tmp_path / "ckpt.pt")
+    first = MetaTrainer(_net(seed), QuadraticTask(), TrainConfig(**{**config.__dict__, "epochs": 1}))
+    first.train(checkpoint_path=path, progress=False)
+    resumed = MetaTrainer(_net(seed + 1), QuadraticTask(), config)  # other initial weights: all must come from the file
+    resumed.load(path)
+    assert resumed.state.epoch == 1
+    resumed.train(checkpoint_path=path, progress=False)
+
+    for a, b in zip(straight.net.parameters(), resumed.net.parameters()):
+        assert torch.equal(a, b)
+    assert straight.state.history == resumed.state.history
+    for a, b in zip(straight.best_net().parameters(), load_best_net(path).parameters()):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_rejects_another_net(seed, tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    trainer = MetaTrainer(_net(seed), QuadraticTask(), TrainConfig(epochs=1, **SMALL))
+    trainer.train(checkpoint_path=path, progress=False)
+    other = MetaTrainer(LSTMOptimizerNet(hidden_size=5, preprocess_p=None), QuadraticTask(), TrainConfig(**SMALL))
+    with pytest.raises(ValueError, match="is for a net"):
+        other.load(path)
+
+
+def test_truncation_must_divide_steps():
+    with pytest.raises(ValueError, match="multiple of truncation"):
+        TrainConfig(steps=100, truncation=30)
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_baselines_on_a_batch_equal_independent_runs(seed, name):
+    task = QuadraticTask()
+    problem = task.sample(3, torch.Generator().manual_seed(seed))
+    together = baseline_losses(name, 0.01, problem, 15)
+    for b in range(3):
+        alone = task.sample(3, torch.Generator().manual_seed(seed))
+        alone.w, alone.y, alone.theta0 = alone.w[b:b + 1], alone.y[b:b + 1], alone.theta0[b:b + 1]
+        torch.testing.assert_close(baseline_losses(name, 0.01, alone, 15)[:, 0], together[:, b], rtol=1e-5, atol=1e-6)
+
+
+def test_tuning_picks_the_best_finite_learning_rate(seed):
+    grid = [1e-3, 1e-2, 10.0]
+    lr, scores = tune("SGD", QuadraticTask(), 30, 16, seed, grid)
+    assert scores[10.0] == math.inf  # diverges on these quadratics
+    assert lr == min(scores, key=scores.get) and math.isfinite(scores[lr])
+    assert final_score(torch.tensor([[1.0], [float("nan")]])) == math.inf
+
+
+def test_lr_grid_is_log_spaced():
+    grid = lr_grid(1e-3, 1.0, 2)
+    assert len(grid) == 7
+    torch.testing.assert_close(torch.tensor(grid), torch.logspace(-3, 0, 7, dtype=torch.float64).float())

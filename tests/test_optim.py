@@ -1,0 +1,230 @@
+import copy
+import io
+
+import pytest
+import torch
+
+from l2l_fused import L2LOptimizer, LSTMOptimizerNet, l2l_update_ref
+from helpers import adversarial_grad, random_net
+
+
+def _params(shapes, dtype=torch.float32):
+    return [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in shapes]
+
+
+def _set_grads(params, generator=None):
+    for p in params:
+        p.grad = adversarial_grad(p.numel(), 10.0, generator=generator).view_as(p).to(p.dtype)
+
+
+def _expected_update(net, params, states):
+    """The reference on the group's concatenated coordinates, in float32."""
+    grad = torch.cat([p.grad.float().flatten() for p in params])
+    h = torch.cat([s[0] for s in states], 1)
+    c = torch.cat([s[1] for s in states], 1)
+    delta, h, c = l2l_update_ref(grad, h, c, net.cell_weights(), net.head.weight, net.head.bias,
+                                 preprocess_p=net.preprocess_p, output_scale=net.output_scale)
+    return delta.detach(), h.detach(), c.detach()
+
+
+def test_group_step_is_the_reference_over_the_flat_group(seed):
+    net = random_net()
+    params = _params([(5, 3), (5,), (7, 1, 2)])
+    before = [p.detach().clone() for p in params]
+    opt = L2LOptimizer(params, net=net)
+    for step in range(3):
+        _set_grads(params)
+        states = [(opt.state[p]["h"].clone(), opt.state[p]["c"].clone()) if step else net.init_state(p.numel())
+                  for p in params]
+        delta, h, c = _expected_update(net, params, states)
+        before = [p.detach().clone() for p in params]
+        opt.step()
+        sizes = [p.numel() for p in params]
+        for p, b, d, hh, cc in zip(params, before, delta.split(sizes), h.split(sizes, 1), c.split(sizes, 1)):
+            torch.testing.assert_close(p.detach(), b + d.view_as(p), rtol=0, atol=0)
+            torch.testing.assert_close(opt.state[p]["h"], hh, rtol=0, atol=0)
+            torch.testing.assert_close(opt.state[p]["c"], cc, rtol=0, atol=0)
+            assert opt.state[p]["h"].shape == (2, p.numel(), 20) and opt.state[p]["h"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_any_float_dtype_math_in_float32(seed, dtype):
+    net = random_net()
+    (p,) = _params([(4, 9)], dtype)
+    _set_grads([p])
+    before = p.detach().clone()
+    delta, _, _ = _expected_update(net, [p], [net.init_state(p.numel())])
+    L2LOptimizer([p], net=net).step()
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    expected = (before.to(wide) + delta.view_as(p).to(wide)).to(dtype)
+    assert p.dtype == dtype
+    torch.testing.assert_close(p.detach(), expected, rtol=0, atol=0)
+
+
+def _train(opt, params, grads):
+    for g in grads:
+        for p, gp in zip(params, g):
+            p.grad = gp.clone()
+        opt.step()
+
+
+def test_state_dict_round_trip_continues_bit_identically(seed):
+    net = random_net()
+    params = _params([(6, 5), (11,)]) + _params([(3, 3)], torch.bfloat16)
+    gen = torch.Generator().manual_seed(seed)
+    grads = [[adversarial_grad(p.numel(), 10.0, generator=gen).view_as(p).to(p.dtype) for p in params] for _ in range(6)]
+    opt = L2LOptimizer([{"params": params[:2]}, {"params": params[2:], "backend": "reference"}], net=net)
+    _train(opt, params, grads[:3])
+
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    saved_params = [p.detach().clone() for p in params]
+    _train(opt, params, grads[3:])
+
+    resumed_params = [torch.nn.Parameter(p) for p in saved_params]
+    resumed = L2LOptimizer([{"params": resumed_params[:2]}, {"params": resumed_params[2:]}], net=copy.deepcopy(net))
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert resumed.param_groups[1]["backend"] == "reference"
+    assert resumed.state[resumed_params[2]]["h"].dtype == torch.float32  # not cast to the bf16 parameter's dtype
+    _train(resumed, resumed_params, grads[3:])
+    for a, b in zip(params, resumed_params):
+        assert torch.equal(a, b)
+        for key in ("h", "c"):
+            assert torch.equal(opt.state[a][key], resumed.state[b][key])
+
+
+def test_params_without_grad_are_skipped(seed):
+    net = random_net()
+    a, b = _params([(4,), (5,)])
+    opt = L2LOptimizer([a, b], net=net)
+    _set_grads([a, b])
+    opt.step()
+    b_value, b_h = b.detach().clone(), opt.state[b]["h"].clone()
+    a.grad = None
+    b.grad = None
+    a_value = a.detach().clone()
+    a_h = opt.state[a]["h"].clone()
+    _set_grads([b])
+    b.grad = None
+    opt.step()  # nothing has a gradient: nothing moves
+    assert torch.equal(a, a_value) and torch.equal(opt.state[a]["h"], a_h)
+    _set_grads([b])
+    opt.step()
+    assert torch.equal(a, a_value) and torch.equal(opt.state[a]["h"], a_h)
+    assert not torch.equal(b, b_value) and not torch.equal(opt.state[b]["h"], b_h)
+    c = torch.nn.Parameter(torch.randn(3))
+    opt.add_param_group({"params": [c]})
+    opt.step()
+    assert c not in opt.state  # never had a gradient: no state
+
+
+def test_param_groups_use_their_own_net(seed):
+    net_a, net_b = random_net(), random_net(hidden_size=6, num_layers=1, preprocess_p=None, output_scale=1.0)
+    a, b = _params([(8,), (9,)])
+    opt = L2LOptimizer([{"params": [a]}, {"params": [b], "net": net_b}], net=net_a)
+    _set_grads([a, b])
+    expect_a = a.detach() + _expected_update(net_a, [a], [net_a.init_state(8)])[0]
+    expect_b = b.detach() + _expected_update(net_b, [b], [net_b.init_state(9)])[0]
+    opt.step()
+    torch.testing.assert_close(a.detach(), expect_a, rtol=0, atol=0)
+    torch.testing.assert_close(b.detach(), expect_b, rtol=0, atol=0)
+    assert opt.state[b]["h"].shape == (1, 9, 6)
+
+
+def test_closure_runs_with_grad_enabled_and_its_loss_is_returned(seed):
+    model = torch.nn.Linear(3, 1)
+    opt = L2LOptimizer(model.parameters(), net=random_net())
+    x = torch.randn(8, 3)
+    before = model.weight.detach().clone()
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor) and loss.requires_grad
+    assert not torch.equal(model.weight, before)
+    opt.zero_grad()
+    assert model.weight.grad is None
+
+
+def _snapshot(opt, params):
+    return [p.detach().clone() for p in params], {p: {k: t.clone() for k, t in s.items()} for p, s in opt.state.items()}
+
+
+def _assert_unchanged(opt, params, snapshot):
+    values, state = snapshot
+    for p, v in zip(params, values):
+        assert torch.equal(p, v)
+    assert set(opt.state) == set(state)
+    for p, s in state.items():
+        for k, t in s.items():
+            assert torch.equal(opt.state[p][k], t)
+
+
+def test_bad_gradients_raise_and_change_nothing(seed):
+    net = random_net()
+    a, b = _params([(4,), (3, 2)])
+    opt = L2LOptimizer([a, b], net=net)
+    _set_grads([a, b])
+    opt.step()
+    snapshot = _snapshot(opt, [a, b])
+    _set_grads([a])
+    b.grad = torch.randn(3, 2).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    _assert_unchanged(opt, [a, b], snapshot)
+    b.grad = None
+    old_b = b.data
+    b.data = torch.randn(7)  # a parameter resized under the optimizer: its state no longer fits
+    b.grad = torch.randn(7)
+    with pytest.raises(ValueError, match="cannot change shape"):
+        opt.step()
+    b.data = old_b
+    _assert_unchanged(opt, [a, b], snapshot)
+
+
+def test_constructor_errors():
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(TypeError, match="net must be an l2l_fused.LSTMOptimizerNet, got LSTMCell"):
+        L2LOptimizer([p], net=torch.nn.LSTMCell(2, 20))
+    with pytest.raises(ValueError, match="no net"):
+        L2LOptimizer([p])
+    with pytest.raises(ValueError, match="unknown backend 'cuda-magic'"):
+        L2LOptimizer([p], net=LSTMOptimizerNet(), backend="cuda-magic")
+    with pytest.raises(ValueError, match="complex64"):
+        L2LOptimizer([torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))], net=LSTMOptimizerNet())
+    opt = L2LOptimizer([p], net=LSTMOptimizerNet())
+    with pytest.raises(TypeError, match="param group 1: net must be"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], "net": "adam"})
+    assert len(opt.param_groups) == 1
+
+
+def test_load_state_dict_rejects_another_layout_or_net(seed):
+    net = random_net()
+    a, b = _params([(4,), (5,)])
+    opt = L2LOptimizer([a, b], net=net)
+    _set_grads([a, b])
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    snapshot = _snapshot(opt, [a, b])
+
+    other = L2LOptimizer([a, b], net=random_net(hidden_size=8))
+    with pytest.raises(ValueError, match="saved for a net"):
+        other.load_state_dict(sd)
+    assert not other.state
+
+    with pytest.raises(ValueError, match="has 2 parameters, this optimizer.s 1"):
+        L2LOptimizer([a], net=net).load_state_dict(sd)
+    with pytest.raises(ValueError, match="param groups"):
+        L2LOptimizer([{"params": [a]}, {"params": [b]}], net=net).load_state_dict(sd)
+
+    c, d = _params([(4,), (6,)])
+    wrong_shape = L2LOptimizer([c, d], net=net)
+    with pytest.raises(ValueError, match=r"needs \[2, 6, 20\]"):
+        wrong_shape.load_state_dict(sd)
+    assert not wrong_shape.state
+    _assert_unchanged(opt, [a, b], snapshot)
