@@ -7,26 +7,33 @@ A backend provides two entry points:
 * ``group_step(net, params, grads, hs, cs)``: the optimizer's update of every tensor of a param group
   together, in place and without autograd. ``hs[i]``/``cs[i]`` are ``[L, params[i].numel(), H]``.
 
-``"auto"`` picks the available backend of highest priority for the tensors' device.
+``"auto"`` picks the available backend of highest priority for the tensors' device and the net; a
+negative priority means "only when asked for by name" (the Triton interpreter on the CPU, for instance).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 AUTO = "auto"
 
 
+def _supports_any(net) -> Optional[str]:
+    return None
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str
-    priority: int
+    priority: Callable[[torch.device], int]
     is_available: Callable[[torch.device], bool]
     step: Callable
     group_step: Callable
+    # None if the backend runs this net, else why not (a size it has no kernel for, say).
+    supports: Callable[[object], Optional[str]] = _supports_any
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -36,27 +43,35 @@ def register(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
 
 
-def available(device) -> list[str]:
-    """Names of the backends that run on ``device``, fastest first."""
+def available(device, net=None) -> list[str]:
+    """Names of the backends that run on ``device`` (and run ``net``, if given), fastest first."""
     device = torch.device(device)
-    ready = [b for b in _REGISTRY.values() if b.is_available(device)]
-    return [b.name for b in sorted(ready, key=lambda b: -b.priority)]
+    ready = [b for b in _REGISTRY.values() if b.is_available(device) and (net is None or b.supports(net) is None)]
+    return [b.name for b in sorted(ready, key=lambda b: -b.priority(device))]
 
 
-def resolve(name: str, device) -> Backend:
-    """The backend called ``name`` (or the fastest, for ``"auto"``) for tensors on ``device``."""
-    names = available(device)
+def resolve(name: str, device, net=None) -> Backend:
+    """The backend called ``name`` (or the fastest, for ``"auto"``) for ``net`` on ``device``."""
+    names = available(device, net)
     if name == AUTO:
-        return _REGISTRY[names[0]]
+        return _REGISTRY[names[0]]  # "reference" runs everything everywhere, at priority 0
     if name not in names:
-        known = "" if name in _REGISTRY else " (no such backend)"
-        raise ValueError(
-            f"backend {name!r} is not available on {torch.device(device)}{known}; available: {[AUTO] + names}"
-        )
+        if name not in _REGISTRY:
+            why = "no such backend"
+        elif net is not None and _REGISTRY[name].supports(net) is not None:
+            why = _REGISTRY[name].supports(net)
+        else:
+            why = f"not available on {torch.device(device)}"
+        raise ValueError(f"backend {name!r}: {why}; available: {[AUTO] + names}")
     return _REGISTRY[name]
 
 
-def check_name(name) -> None:
-    """Fail early, at construction, on a name no device could ever resolve."""
-    if name != AUTO and name not in _REGISTRY:
+def check_name(name, net=None) -> None:
+    """Fail early, at construction, on a name no device could ever resolve or a net it cannot run."""
+    if name == AUTO:
+        return
+    if name not in _REGISTRY:
         raise ValueError(f"unknown backend {name!r}; known: {[AUTO] + sorted(_REGISTRY)}")
+    why = _REGISTRY[name].supports(net) if net is not None else None
+    if why is not None:
+        raise ValueError(f"backend {name!r}: {why}")

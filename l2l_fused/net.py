@@ -90,6 +90,6 @@ class LSTMOptimizerNet(nn.Module):
         for name, t in (("theta", theta), ("grad", grad), ("h", h), ("c", c)):
             if t.dtype != dtype:
                 raise ValueError(f"{name} has dtype {t.dtype}, the net's weights {dtype}: cast one of them")
-        impl = backends.resolve(backend, theta.device)
+        impl = backends.resolve(backend, theta.device, self)
         theta_next, h_next, c_next = impl.step(self, theta.reshape(-1), grad.reshape(-1), h, c)
         return theta_next.view(theta.shape), (h_next, c_next)

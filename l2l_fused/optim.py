@@ -13,6 +13,7 @@ from . import backends
 from .net import LSTMOptimizerNet
 
 _STATE_KEYS = ("h", "c")
+STATE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _check_net(net, where: str) -> None:
@@ -20,6 +21,11 @@ def _check_net(net, where: str) -> None:
         raise ValueError(f"{where}: no net; pass net= to L2LOptimizer or put 'net' in the param group")
     if not isinstance(net, LSTMOptimizerNet):
         raise TypeError(f"{where}: net must be an l2l_fused.LSTMOptimizerNet, got {type(net).__name__}")
+
+
+def _check_state_dtype(dtype, where: str) -> None:
+    if dtype not in STATE_DTYPES:
+        raise ValueError(f"{where} must be one of {list(STATE_DTYPES)}, got {dtype!r}")
 
 
 def _state_shape(net: LSTMOptimizerNet, p: Tensor) -> tuple[int, int, int]:
@@ -30,31 +36,43 @@ class L2LOptimizer(Optimizer):
     """Updates every coordinate with a learned LSTM optimizer: ``p += net(p.grad, state)``.
 
     Each param group is updated as one flat set of coordinates (one kernel launch per group and device
-    on the fused backends). Per parameter the state holds ``h`` and ``c``, each ``[L, numel, H]`` float32,
-    zero at the first step. Parameters of any floating dtype are supported; the network runs in float32
-    and ``θ + Δ`` is added in float32 (float64 for float64 parameters).
+    on the fused backends). Per parameter the state holds ``h`` and ``c``, each ``[L, numel, H]`` in
+    ``state_dtype``, zero at the first step. Parameters of any floating dtype are supported; the network
+    runs in float32 and ``θ + Δ`` is added in float32 (float64 for float64 parameters).
 
     Args:
         params: an iterable of parameters or of param-group dicts, as for any ``torch.optim`` optimizer.
         net: the ``LSTMOptimizerNet`` for groups that name none (groups may each bring their own, e.g.
             one net for conv and one for fully connected parameters). Its weights are read, not trained.
-        backend: ``"auto"`` (fastest available for the parameters' device), or a name from
+        backend: ``"auto"`` (fastest available for the parameters' device and the net), or a name from
             ``l2l_fused.available_backends(device)``.
+        state_dtype: ``torch.float32`` (default) or ``torch.bfloat16``, which halves the state's memory
+            and traffic (the math stays float32; h and c are rounded to bfloat16 when stored). Changing it
+            on a group converts that group's state at its next step.
     """
 
-    def __init__(self, params, net: Optional[LSTMOptimizerNet] = None, backend: str = "auto") -> None:
+    def __init__(
+        self,
+        params,
+        net: Optional[LSTMOptimizerNet] = None,
+        backend: str = "auto",
+        state_dtype: torch.dtype = torch.float32,
+    ) -> None:
         if net is not None:
             _check_net(net, "net")
-        backends.check_name(backend)
-        super().__init__(params, {"net": net, "backend": backend})
+        backends.check_name(backend, net)
+        _check_state_dtype(state_dtype, "state_dtype")
+        super().__init__(params, {"net": net, "backend": backend, "state_dtype": state_dtype})
         # The net is a module, not a hyperparameter: a state dict carries its config only, so it stays
         # loadable with torch.load(weights_only=True) and is checked against the net on load.
         self.register_state_dict_post_hook(_nets_to_configs, prepend=True)
 
     def add_param_group(self, param_group: dict) -> None:
         index = len(self.param_groups)
-        _check_net(param_group.get("net", self.defaults["net"]), f"param group {index}")
-        backends.check_name(param_group.get("backend", self.defaults["backend"]))
+        net = param_group.get("net", self.defaults["net"])
+        _check_net(net, f"param group {index}")
+        backends.check_name(param_group.get("backend", self.defaults["backend"]), net)
+        _check_state_dtype(param_group.get("state_dtype", self.defaults["state_dtype"]), f"param group {index}: state_dtype")
         super().add_param_group(param_group)
         for p in self.param_groups[-1]["params"]:
             if not p.is_floating_point():
@@ -64,7 +82,7 @@ class L2LOptimizer(Optimizer):
     def _plan(self):
         """Validate every group's gradients and state before anything is written.
 
-        Returns ``(net, backend, params)`` per group and device. A bad gradient raises here, leaving all
+        Returns ``(group, backend, params)`` per group and device. A bad gradient raises here, leaving all
         parameters and state as they were.
         """
         plan = []
@@ -91,15 +109,18 @@ class L2LOptimizer(Optimizer):
                     )
                 by_device[p.device].append(p)
             for device, params in by_device.items():
-                plan.append((net, backends.resolve(group["backend"], device), params))
+                plan.append((group, backends.resolve(group["backend"], device, net), params))
         return plan
 
-    def _state_of(self, net: LSTMOptimizerNet, p: Tensor) -> dict:
-        state = self.state[p]
+    def _state_of(self, group: dict, p: Tensor) -> dict:
+        state, dtype = self.state[p], group["state_dtype"]
         if not state:
-            shape = _state_shape(net, p)
+            shape = _state_shape(group["net"], p)
             for key in _STATE_KEYS:
-                state[key] = torch.zeros(shape, device=p.device, dtype=torch.float32)
+                state[key] = torch.zeros(shape, device=p.device, dtype=dtype)
+        elif state["h"].dtype != dtype:
+            for key in _STATE_KEYS:
+                state[key] = state[key].to(dtype)
         return state
 
     @torch.no_grad()
@@ -110,9 +131,11 @@ class L2LOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for net, impl, params in self._plan():
-            states = [self._state_of(net, p) for p in params]
-            impl.group_step(net, params, [p.grad for p in params], [s["h"] for s in states], [s["c"] for s in states])
+        for group, impl, params in self._plan():
+            states = [self._state_of(group, p) for p in params]
+            impl.group_step(
+                group["net"], params, [p.grad for p in params], [s["h"] for s in states], [s["c"] for s in states]
+            )
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -145,7 +168,8 @@ class L2LOptimizer(Optimizer):
                     f"state_dict param group {index} was saved for a net {saved.get('net')}, this group's net "
                     f"is {group['net'].config()}"
                 )
-            backends.check_name(saved.get("backend", self.defaults["backend"]))
+            backends.check_name(saved.get("backend", self.defaults["backend"]), group["net"])
+            _check_state_dtype(saved.get("state_dtype", self.defaults["state_dtype"]), f"state_dict param group {index}: state_dtype")
             id_map.update({saved_id: (p, group["net"]) for saved_id, p in zip(saved["params"], group["params"])})
         state = defaultdict(dict)
         for saved_id, saved_state in state_dict["state"].items():
@@ -164,6 +188,8 @@ class L2LOptimizer(Optimizer):
         new_groups = []
         for group, saved in zip(groups, saved_groups):
             new_group = {k: v for k, v in saved.items() if k not in ("params", "net")}
+            for key, default in self.defaults.items():  # options newer than the state dict
+                new_group.setdefault(key, default)
             new_group.update(params=group["params"], net=group["net"])
             new_groups.append(new_group)
         self.__setstate__({"state": state, "param_groups": new_groups})

@@ -46,5 +46,5 @@ def group_step(net, params, grads, hs, cs):
 
 
 backends.register(
-    backends.Backend(name="reference", priority=0, is_available=lambda device: True, step=step, group_step=group_step)
+    backends.Backend(name="reference", priority=lambda device: 0, is_available=lambda device: True, step=step, group_step=group_step)
 )

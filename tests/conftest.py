@@ -4,6 +4,11 @@ import secrets
 import pytest
 import torch
 
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. Triton reads this when a
+# kernel is decorated, so it is set here, before any test module imports l2l_fused.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one)")
@@ -26,3 +31,9 @@ def seed(request):
     print(f"{request.node.nodeid}: L2L_TEST_SEED={value}")
     torch.manual_seed(value)
     return value
+
+
+@pytest.fixture
+def kernel_device():
+    """Where the Triton kernels run in this session: the GPU, or the CPU through the interpreter."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -81,6 +81,6 @@ def test_forward_rejects_bad_input():
 
 def test_backend_registry_errors_list_available():
     net = LSTMOptimizerNet()
-    with pytest.raises(ValueError, match=r"no such backend.*available: \['auto', 'reference'"):
+    with pytest.raises(ValueError, match=r"backend 'nope': no such backend; available: \['auto', 'reference'"):
         net(torch.zeros(4), torch.zeros(4), net.init_state(4), backend="nope")
-    assert l2l_fused.available_backends("cpu")[-1] == "reference"
+    assert "reference" in l2l_fused.available_backends("cpu")
