@@ -92,19 +92,24 @@ if triton is not None:
 
     @triton.jit
     def _store_theta_plus(in_addr, out_addr, offs, mask, code, delta):
-        """θ' = θ + Δ, added in float32 (float64 for float64 θ) and rounded once to θ's dtype."""
+        """θ' = θ + Δ, added in float32 (float64 for float64 θ) and rounded once to θ's dtype.
+
+        Nothing is assigned across the branches: compiled Triton needs one type per variable there."""
         if code == 0:
-            p = tl.load(in_addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask)
-            tl.store(out_addr.to(tl.pointer_type(tl.float32)) + offs, p + delta, mask=mask)
+            ptr = in_addr.to(tl.pointer_type(tl.float32))
+            tl.store(out_addr.to(tl.pointer_type(tl.float32)) + offs, tl.load(ptr + offs, mask=mask) + delta, mask=mask)
         elif code == 1:
-            p = tl.load(in_addr.to(tl.pointer_type(tl.bfloat16)) + offs, mask=mask).to(tl.float32)
-            tl.store(out_addr.to(tl.pointer_type(tl.bfloat16)) + offs, _to_bf16(p + delta), mask=mask)
+            ptr = in_addr.to(tl.pointer_type(tl.bfloat16))
+            tl.store(out_addr.to(tl.pointer_type(tl.bfloat16)) + offs,
+                     _to_bf16(tl.load(ptr + offs, mask=mask).to(tl.float32) + delta), mask=mask)
         elif code == 2:
-            p = tl.load(in_addr.to(tl.pointer_type(tl.float16)) + offs, mask=mask).to(tl.float32)
-            tl.store(out_addr.to(tl.pointer_type(tl.float16)) + offs, (p + delta).to(tl.float16), mask=mask)
+            ptr = in_addr.to(tl.pointer_type(tl.float16))
+            tl.store(out_addr.to(tl.pointer_type(tl.float16)) + offs,
+                     (tl.load(ptr + offs, mask=mask).to(tl.float32) + delta).to(tl.float16), mask=mask)
         else:
-            p = tl.load(in_addr.to(tl.pointer_type(tl.float64)) + offs, mask=mask)
-            tl.store(out_addr.to(tl.pointer_type(tl.float64)) + offs, p + delta.to(tl.float64), mask=mask)
+            ptr = in_addr.to(tl.pointer_type(tl.float64))
+            tl.store(out_addr.to(tl.pointer_type(tl.float64)) + offs,
+                     tl.load(ptr + offs, mask=mask) + delta.to(tl.float64), mask=mask)
 
     @triton.jit
     def _gate_preact(x, x0, x1, h, w_ih_ptr, w_hh_ptr, b_ih_ptr, b_hh_ptr, gate: tl.constexpr,
