@@ -94,22 +94,21 @@ if triton is not None:
     def _store_theta_plus(in_addr, out_addr, offs, mask, code, delta):
         """θ' = θ + Δ, added in float32 (float64 for float64 θ) and rounded once to θ's dtype.
 
-        Nothing is assigned across the branches: compiled Triton needs one type per variable there."""
+        Nothing is assigned inside the branches: compiled Triton needs one type per variable across them."""
         if code == 0:
-            ptr = in_addr.to(tl.pointer_type(tl.float32))
-            tl.store(out_addr.to(tl.pointer_type(tl.float32)) + offs, tl.load(ptr + offs, mask=mask) + delta, mask=mask)
+            tl.store(out_addr.to(tl.pointer_type(tl.float32)) + offs,
+                     tl.load(in_addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask) + delta, mask=mask)
         elif code == 1:
-            ptr = in_addr.to(tl.pointer_type(tl.bfloat16))
             tl.store(out_addr.to(tl.pointer_type(tl.bfloat16)) + offs,
-                     _to_bf16(tl.load(ptr + offs, mask=mask).to(tl.float32) + delta), mask=mask)
+                     _to_bf16(tl.load(in_addr.to(tl.pointer_type(tl.bfloat16)) + offs, mask=mask).to(tl.float32) + delta),
+                     mask=mask)
         elif code == 2:
-            ptr = in_addr.to(tl.pointer_type(tl.float16))
             tl.store(out_addr.to(tl.pointer_type(tl.float16)) + offs,
-                     (tl.load(ptr + offs, mask=mask).to(tl.float32) + delta).to(tl.float16), mask=mask)
+                     (tl.load(in_addr.to(tl.pointer_type(tl.float16)) + offs, mask=mask).to(tl.float32) + delta).to(tl.float16),
+                     mask=mask)
         else:
-            ptr = in_addr.to(tl.pointer_type(tl.float64))
             tl.store(out_addr.to(tl.pointer_type(tl.float64)) + offs,
-                     tl.load(ptr + offs, mask=mask) + delta.to(tl.float64), mask=mask)
+                     tl.load(in_addr.to(tl.pointer_type(tl.float64)) + offs, mask=mask) + delta.to(tl.float64), mask=mask)
 
     @triton.jit
     def _gate_preact(x, x0, x1, h, w_ih_ptr, w_hh_ptr, b_ih_ptr, b_hh_ptr, gate: tl.constexpr,
