@@ -102,9 +102,8 @@ def run_case(case: Case, net, bandwidth_gbps: float, compile_reference: bool) ->
                 row["status"] = f"{type(error).__name__}: {str(error)[:200]}"
             rows.append(row)
             print(_format(row), flush=True)
-            fn = None
-            if case.device.type == "cuda":
-                torch.cuda.empty_cache()
+    if case.device.type == "cuda":
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -191,18 +190,20 @@ def main(argv=None) -> int:
                           "dot_precision": triton_step.DOT_PRECISION}, "rows": []}
     if args.sweep and device.type == "cuda":
         payload["sweep"] = sweep(device, net, 10_000_000)
-    cases = [Case(f"flat {n:.0e}", [(int(n),)], device) for n in args.sizes]
-    for case in cases:
-        payload["rows"] += run_case(case, net, bandwidth, compile_reference=not args.no_compile and case.n <= 10_000_000)
-        case.params = case.grads = None
+    # One case alive at a time: at 100M coordinates a case's state alone is 32 GB.
+    for n in args.sizes:
+        payload["rows"] += run_case(Case(f"flat {n:.0e}", [(int(n),)], device), net, bandwidth,
+                                    compile_reference=not args.no_compile and n <= 1e7)
     if args.model:
         shapes = transformer_shapes()
-        for case in (Case("transformer", shapes, device), Case("flat (same size)", [(sum(torch.Size(s).numel() for s in shapes),)], device)):
-            payload["rows"] += run_case(case, net, bandwidth, compile_reference=False)
-            if case.name == "transformer" and device.type == "cuda":
-                payload["launches"] = count_launches(case, net)
-                print(f"launches per step: {payload['launches']}", flush=True)
-            case.params = case.grads = None
+        case = Case("transformer", shapes, device)
+        payload["rows"] += run_case(case, net, bandwidth, compile_reference=False)
+        if device.type == "cuda":
+            payload["launches"] = count_launches(case, net)
+            print(f"launches per step: {payload['launches']}", flush=True)
+        del case
+        flat = Case("flat (same size)", [(sum(torch.Size(s).numel() for s in shapes),)], device)
+        payload["rows"] += run_case(flat, net, bandwidth, compile_reference=False)
     if args.out:
         write_results(args.out, payload)
     return 0

@@ -1,0 +1,77 @@
+"""Compile every Triton kernel configuration for Hopper (sm_90) on any machine, GPU or not, and report
+registers, stack (spill) bytes and shared memory per configuration.
+
+Triton's interpreter runs kernels without compiling them, so it accepts code the compiler rejects (a
+variable of two types across a runtime branch, say); this catches that in CI. Exit status 1 if any
+configuration fails. Run without TRITON_INTERPRET.
+
+    python bench/compile_report.py
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("compile_report: unset TRITON_INTERPRET (the interpreter compiles nothing)")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from l2l_fused import triton_step  # noqa: E402
+
+HOPPER = GPUTarget("cuda", 90, 32)
+
+
+def forward_signature(num_layers: int) -> dict:
+    return {"table_ptr": "*i64", "block_tensor_ptr": "*i32", "cells": tuple(["*fp32"] * (4 * num_layers)),
+            "head_w_ptr": "*fp32", "head_b_ptr": "*fp32", "output_scale": "fp32", "inv_p": "fp32",
+            "threshold": "fp32", "exp_p": "fp32"}
+
+
+def forward_configs():
+    """(name, constexprs, num_warps): the default launch over the nets the tests and the paper use."""
+    for layers, hidden, features, state in [(2, 20, 2, tl.float32), (2, 20, 2, tl.bfloat16), (1, 20, 1, tl.float32),
+                                            (3, 64, 2, tl.float32), (1, 33, 2, tl.bfloat16), (2, 5, 2, tl.float32)]:
+        constexprs = {"L": layers, "H": hidden, "HP": max(16, triton.next_power_of_2(hidden)), "IN": features,
+                      "PREPROCESS": features == 2, "STATE_DTYPE": state, "BLOCK_N": triton_step.BLOCK_N,
+                      "DOT_PRECISION": triton_step.DOT_PRECISION}
+        yield f"forward L={layers} H={hidden} in={features} state={state}", constexprs, forward_signature(layers)
+
+
+def resource_usage(cubin: bytes) -> str:
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        try:
+            out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        except OSError:
+            return "(no cuobjdump)"
+    return " ".join(line.strip() for line in out.splitlines() if "REG:" in line)
+
+
+def main() -> int:
+    failures = 0
+    for name, constexprs, signature in forward_configs():
+        signature = {**signature, **{k: "constexpr" for k in constexprs}}
+        try:
+            compiled = triton.compile(ASTSource(fn=triton_step._l2l_fwd_kernel, signature=signature, constexprs=constexprs),
+                                      target=HOPPER, options={"num_warps": triton_step.NUM_WARPS})
+        except Exception as error:
+            failures += 1
+            print(f"FAIL {name}: {type(error).__name__}: {error}")
+            continue
+        mma = "wgmma" if "wgmma" in compiled.asm["ptx"] else ("mma" if "mma.sync" in compiled.asm["ptx"] else "no mma")
+        print(f"ok   {name}: {resource_usage(compiled.asm['cubin'])} dynamic shared {compiled.metadata.shared} B, {mma}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
