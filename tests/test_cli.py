@@ -1,7 +1,7 @@
 import json
 
 from l2l_fused.cli import main
-from l2l_fused.meta.evaluate import LEARNED
+from l2l_fused.meta.evaluate import LEARNED, LEARNED_BF16
 
 
 def test_main_job_writes_table_json_plot_and_checkpoint(tmp_path, capsys):
@@ -12,10 +12,10 @@ def test_main_job_writes_table_json_plot_and_checkpoint(tmp_path, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
-    assert set(results["optimizers"]) == {LEARNED, "SGD", "RMSprop", "Adam", "NAG"}
+    assert set(results["optimizers"]) == {LEARNED, LEARNED_BF16, "SGD", "RMSprop", "Adam", "NAG"}
     for name, row in results["optimizers"].items():
         assert len(row["mean_loss_per_step"]) == 21
-        assert (row["lr"] is None) == (name == LEARNED)
+        assert (row["lr"] is None) == name.startswith("LSTM")
         assert f"| {name} |" in printed
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "checkpoint.pt").exists() and (out / "table.md").exists()

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from l2l_fused import LSTMOptimizerNet, l2l_step_ref
+from l2l_fused import L2LOptimizer, LSTMOptimizerNet, l2l_step_ref
 from l2l_fused.meta import (BASELINES, MetaTrainer, QuadraticTask, TrainConfig, Trajectory, baseline_losses,
-                            load_best_net, lr_grid, tune)
+                            learned_losses, load_best_net, lr_grid, optimizer_losses, tune)
 from l2l_fused.meta.baselines import final_score
 
 SMALL = dict(batch_size=16, steps=20, truncation=5, val_functions=32, iterations_per_epoch=4)
@@ -129,3 +129,13 @@ def test_lr_grid_is_log_spaced():
     grid = lr_grid(1e-3, 1.0, 2)
     assert len(grid) == 7
     torch.testing.assert_close(torch.tensor(grid), torch.logspace(-3, 0, 7, dtype=torch.float64).float())
+
+
+def test_learned_optimizer_through_l2loptimizer_equals_the_unrolled_net(seed):
+    """The product path (L2LOptimizer on a model's parameters) and the meta-training path (net.forward
+    on a flat θ) are the same optimizer."""
+    problem = QuadraticTask().sample(8, torch.Generator().manual_seed(seed))
+    net = _net(seed)
+    unrolled = learned_losses(net, problem, 15)
+    stepped = optimizer_losses(lambda ps: L2LOptimizer(ps, net=net), problem, 15)
+    torch.testing.assert_close(stepped, unrolled, rtol=1e-5, atol=1e-6)

@@ -24,14 +24,14 @@ def lr_grid(low: float = 1e-4, high: float = 10.0, per_decade: int = 4) -> list[
     return [low * 10 ** (k / per_decade) for k in range(n + 1)]
 
 
-def baseline_losses(name: str, lr: float, problem: Problem, steps: int) -> Tensor:
-    """Losses ``[steps + 1, B]`` of a baseline on a batch of functions (step 0 = initial).
+def optimizer_losses(make_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer], problem: Problem, steps: int) -> Tensor:
+    """Losses ``[steps + 1, B]`` (step 0 = initial) of a ``torch.optim`` optimizer on a batch of functions.
 
-    The optimizers are coordinatewise, so stepping on the summed loss of B functions optimizes each one
-    independently, exactly as if it ran alone.
+    The optimizers here are coordinatewise, so stepping on the summed loss of B functions optimizes each
+    one independently, exactly as if it ran alone.
     """
     params = [p.detach().clone().requires_grad_() for p in problem.params]
-    optimizer = BASELINES[name](params, lr)
+    optimizer = make_optimizer(params)
     losses = []
     for step in range(steps + 1):
         loss = problem.loss(params, step)
@@ -42,6 +42,10 @@ def baseline_losses(name: str, lr: float, problem: Problem, steps: int) -> Tenso
         loss.sum().backward()
         optimizer.step()
     return torch.stack(losses)
+
+
+def baseline_losses(name: str, lr: float, problem: Problem, steps: int) -> Tensor:
+    return optimizer_losses(lambda params: BASELINES[name](params, lr), problem, steps)
 
 
 def final_score(losses: Tensor) -> float:

@@ -8,11 +8,13 @@ from dataclasses import dataclass
 import torch
 
 from ..net import LSTMOptimizerNet
-from .baselines import BASELINES, baseline_losses, tune
+from ..optim import L2LOptimizer
+from .baselines import BASELINES, baseline_losses, optimizer_losses, tune
 from .tasks import Task
 from .unroll import learned_losses
 
 LEARNED = "LSTM (learned)"
+LEARNED_BF16 = "LSTM (learned), bf16 state"
 
 
 @dataclass
@@ -41,9 +43,11 @@ def evaluate(
     tune_seed: int,
     backend: str = "auto",
 ) -> list[Run]:
-    """The learned optimizer and every baseline (tuned on separate functions) on the same test functions."""
+    """The learned optimizer (float32 state, and bfloat16 state through ``L2LOptimizer(state_dtype=...)``)
+    and every baseline (tuned on separate functions) on the same test functions."""
     test = task.sample(test_functions, torch.Generator().manual_seed(test_seed))
-    runs = [Run(LEARNED, None, learned_losses(net, test, steps, backend))]
+    bf16 = optimizer_losses(lambda ps: L2LOptimizer(ps, net=net, backend=backend, state_dtype=torch.bfloat16), test, steps)
+    runs = [Run(LEARNED, None, learned_losses(net, test, steps, backend)), Run(LEARNED_BF16, None, bf16)]
     for name in BASELINES:
         lr, _ = tune(name, task, steps, tune_functions, tune_seed)
         runs.append(Run(name, lr, baseline_losses(name, lr, test, steps)))
