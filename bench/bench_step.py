@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import copy_bandwidth, device_info, median_ms, peak_extra_bytes, write_results  # noqa: E402
 
-from l2l_fused import LSTMOptimizerNet, l2l_update_ref, reference_backend, triton_step  # noqa: E402
+from l2l_fused import LSTMOptimizerNet, available_backends, l2l_update_ref, reference_backend, triton_backend, triton_step  # noqa: E402
 
 BYTES_PER_COORDINATE = {"float32": 652, "bfloat16": 332}
 ADAM_BYTES_PER_COORDINATE = 28
@@ -69,11 +69,11 @@ def implementations(case: Case, net, compile_reference: bool):
         compiled = torch.compile(reference_backend.group_step, dynamic=False)
         impls.append(("reference (torch.compile)", BYTES_PER_COORDINATE["float32"],
                       lambda: compiled(net, case.params, case.grads, h32, c32)))
-    if triton_step._available(case.device):
+    if "triton" in available_backends(case.device):
         impls += [
-            ("triton", BYTES_PER_COORDINATE["float32"], lambda: triton_step.group_step(net, case.params, case.grads, h32, c32)),
+            ("triton", BYTES_PER_COORDINATE["float32"], lambda: triton_backend.group_step(net, case.params, case.grads, h32, c32)),
             ("triton, bf16 state", BYTES_PER_COORDINATE["bfloat16"],
-             lambda: triton_step.group_step(net, case.params, case.grads, h16, c16)),
+             lambda: triton_backend.group_step(net, case.params, case.grads, h16, c16)),
         ]
     adam_params = [torch.nn.Parameter(p.clone()) for p in case.params]
     for p, g in zip(adam_params, case.grads):

@@ -24,9 +24,10 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from l2l_fused import triton_step  # noqa: E402
+from l2l_fused import triton_backward, triton_step  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
+HOPPER_SHARED_PER_BLOCK = 227 * 1024  # an H100 block's opt-in maximum; a kernel asking more fails to launch
 
 
 def forward_signature(num_layers: int) -> dict:
@@ -45,6 +46,21 @@ def forward_configs():
         yield f"forward L={layers} H={hidden} in={features} state={state}", constexprs, forward_signature(layers)
 
 
+def backward_configs():
+    for layers, hidden, features in [(2, 20, 2), (1, 20, 1), (3, 64, 2), (2, 5, 2)]:
+        layout = triton_backward.weight_grad_layout(layers, hidden, features)
+        constexprs = {"L": layers, "H": hidden, "HP": max(16, triton.next_power_of_2(hidden)), "IN": features,
+                      "PREPROCESS": features == 2, "BLOCK_N": triton_step.BLOCK_N,
+                      "DOT_PRECISION": triton_step.DOT_PRECISION, "ROW": layout[-1][0] + 1,
+                      "LAYER0": sum(size for _, size in layout[:3]),
+                      "LAYER": sum(size for _, size in layout[3:6]) if layers > 1 else 0}
+        signature = {name: "*fp32" for name in ("grad_ptr", "h_ptr", "c_ptr", "dtheta_ptr", "dh_next_ptr", "dc_next_ptr",
+                                                "dh_ptr", "dc_ptr", "partial_ptr", "head_w_ptr", "head_b_ptr")}
+        signature.update(cells=tuple(["*fp32"] * (4 * layers)), n="i32", num_blocks="i32", output_scale="fp32",
+                         inv_p="fp32", threshold="fp32", exp_p="fp32")
+        yield f"backward L={layers} H={hidden} in={features}", constexprs, signature
+
+
 def resource_usage(cubin: bytes) -> str:
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -59,16 +75,23 @@ def resource_usage(cubin: bytes) -> str:
 
 def main() -> int:
     failures = 0
-    for name, constexprs, signature in forward_configs():
+    jobs = [(triton_step._l2l_fwd_kernel, {"num_warps": triton_step.NUM_WARPS}, config) for config in forward_configs()]
+    jobs += [(triton_backward._l2l_bwd_kernel, {"num_warps": triton_step.NUM_WARPS, "num_stages": triton_backward.NUM_STAGES},
+              config) for config in backward_configs()]
+    for kernel, options, (name, constexprs, signature) in jobs:
         signature = {**signature, **{k: "constexpr" for k in constexprs}}
         try:
-            compiled = triton.compile(ASTSource(fn=triton_step._l2l_fwd_kernel, signature=signature, constexprs=constexprs),
-                                      target=HOPPER, options={"num_warps": triton_step.NUM_WARPS})
+            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                                      target=HOPPER, options=options)
         except Exception as error:
             failures += 1
             print(f"FAIL {name}: {type(error).__name__}: {error}")
             continue
         mma = "wgmma" if "wgmma" in compiled.asm["ptx"] else ("mma" if "mma.sync" in compiled.asm["ptx"] else "no mma")
+        if compiled.metadata.shared > HOPPER_SHARED_PER_BLOCK:
+            failures += 1
+            print(f"FAIL {name}: {compiled.metadata.shared} B of shared memory, a block may have {HOPPER_SHARED_PER_BLOCK}")
+            continue
         print(f"ok   {name}: {resource_usage(compiled.asm['cubin'])} dynamic shared {compiled.metadata.shared} B, {mma}")
     return 1 if failures else 0
 

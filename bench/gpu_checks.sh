@@ -8,22 +8,26 @@ OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the package from this tree, no install needed
-stages=${*:-tests sanitize bench-step}
+stages=${*:-tests sanitize bench-step bench-meta}
 status=0
 for stage in $stages; do
     echo "=== $stage"
     case $stage in
         tests)
-            timeout 240 python -m pytest tests -q -x -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -15 ;;
+            timeout 330 python -m pytest tests -q -x -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -15 ;;
         sanitize)
             # Without the caching allocator every tensor is its own allocation, so memcheck sees an
             # out-of-bounds access instead of a read of a neighbour inside the pool.
-            PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 420 compute-sanitizer --tool memcheck --error-exitcode 9 \
-                python -m pytest tests/test_triton_step.py -q -x -p no:cacheprovider -k "launch or optimizer" \
+            PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 \
+                python -m pytest tests/test_triton_step.py tests/test_triton_backward.py -q -x -p no:cacheprovider \
+                -k "launch or optimizer or unrolled or repeated" \
                 2>&1 | tee "$OUT/sanitizer.log" | tail -8 ;;
         bench-step)
             timeout 330 python bench/bench_step.py --sizes 1e6 1e7 1e8 --model --sweep --out "$OUT/step.json" \
                 2>&1 | tee "$OUT/bench_step.log" | tail -40 ;;
+        bench-meta)
+            timeout 300 python bench/bench_meta.py --sizes 1e6 1e7 --steps 20 --out "$OUT/meta.json" \
+                2>&1 | tee "$OUT/bench_meta.log" | tail -12 ;;
         *) echo "unknown stage $stage"; false ;;
     esac
     rc=$?

@@ -2,8 +2,9 @@
 
 A backend provides two entry points:
 
-* ``step(net, theta, grad, h, c) -> (theta', h', c')`` on one flat tensor, differentiable with respect to
-  φ, theta and the state: what ``LSTMOptimizerNet.forward`` and meta-training call.
+* ``step(net, theta, grad, h, c, saved_state_dtype) -> (theta', h', c')`` on one flat tensor,
+  differentiable with respect to φ, theta and the state: what ``LSTMOptimizerNet.forward`` and
+  meta-training call.
 * ``group_step(net, params, grads, hs, cs)``: the optimizer's update of every tensor of a param group
   together, in place and without autograd. ``hs[i]``/``cs[i]`` are ``[L, params[i].numel(), H]``.
 

@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--task", choices=sorted(TASKS), default="quadratic")
         p.add_argument("--out", default=None, help="output directory (default runs/<task>)")
         p.add_argument("--backend", default="auto")
+        p.add_argument("--device", default="cpu", help="where the functions and the optimizer run (cpu, cuda)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.add_argument("--test-functions", type=int, default=512)
         p.add_argument("--tune-functions", type=int, default=512)
@@ -55,7 +56,7 @@ def _train(args, out: str) -> str:
     task = TASKS[args.task]()
     torch.manual_seed(config.seed)
     net = LSTMOptimizerNet(**task.net_options())
-    trainer = MetaTrainer(net, task, config, backend=args.backend)
+    trainer = MetaTrainer(net, task, config, backend=args.backend, device=args.device)
     checkpoint = os.path.join(out, "checkpoint.pt")
     if args.resume and os.path.exists(checkpoint):
         trainer.load(checkpoint)
@@ -71,7 +72,8 @@ def _evaluate(args, out: str, checkpoint: str, seed: int, steps: int, extra: dic
     task = TASKS[args.task]()
     net = load_best_net(checkpoint)
     start = time.perf_counter()
-    runs = evaluate(net, task, steps, args.test_functions, seed + 3, args.tune_functions, seed + 2, args.backend)
+    runs = evaluate(net, task, steps, args.test_functions, seed + 3, args.tune_functions, seed + 2, args.backend,
+                    args.device)
     elapsed = time.perf_counter() - start
     text = table(runs, steps)
     print(f"\n{task.name}: {args.test_functions} held-out functions, {steps} steps\n{text}")
@@ -80,7 +82,8 @@ def _evaluate(args, out: str, checkpoint: str, seed: int, steps: int, extra: dic
     write_json(
         runs, os.path.join(out, "results.json"), task=task.name, steps=steps, test_functions=args.test_functions,
         tune_functions=args.tune_functions, seed=seed, checkpoint=checkpoint, evaluate_seconds=elapsed,
-        torch=torch.__version__, machine=platform.machine(), processor=platform.processor(),
+        backend=args.backend, device=args.device, torch=torch.__version__, machine=platform.machine(),
+        processor=platform.processor(),
         cpu_count=os.cpu_count(), **extra,
     )
     plot(runs, os.path.join(out, "loss.png"), f"{task.name}: mean loss over {args.test_functions} test functions")

@@ -71,10 +71,19 @@ class LSTMOptimizerNet(nn.Module):
         shape = (self.num_layers, n, self.hidden_size)
         return torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
 
-    def forward(self, theta: Tensor, grad: Tensor, state: State, backend: str = "auto") -> tuple[Tensor, State]:
+    def forward(
+        self,
+        theta: Tensor,
+        grad: Tensor,
+        state: State,
+        backend: str = "auto",
+        saved_state_dtype: Optional[torch.dtype] = None,
+    ) -> tuple[Tensor, State]:
         """One step: returns ``(theta + Δ, (h', c'))``, theta's shape kept.
 
-        Differentiable with respect to φ, ``theta`` and ``state``; no gradient flows into ``grad``.
+        Differentiable with respect to φ, ``theta`` and ``state``; no gradient flows into ``grad``. On the
+        fused backends autograd saves only ``grad`` and the incoming state, in ``saved_state_dtype``
+        (e.g. ``torch.bfloat16``, half the memory of an unrolled step) if given.
         """
         if not isinstance(theta, Tensor) or not isinstance(grad, Tensor):
             raise TypeError("theta and grad must be tensors")
@@ -91,5 +100,5 @@ class LSTMOptimizerNet(nn.Module):
             if t.dtype != dtype:
                 raise ValueError(f"{name} has dtype {t.dtype}, the net's weights {dtype}: cast one of them")
         impl = backends.resolve(backend, theta.device, self)
-        theta_next, h_next, c_next = impl.step(self, theta.reshape(-1), grad.reshape(-1), h, c)
+        theta_next, h_next, c_next = impl.step(self, theta.reshape(-1), grad.reshape(-1), h, c, saved_state_dtype)
         return theta_next.view(theta.shape), (h_next, c_next)

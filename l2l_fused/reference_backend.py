@@ -8,7 +8,9 @@ from . import backends
 from .reference import l2l_step_ref, l2l_update_ref
 
 
-def step(net, theta, grad, h, c):
+def step(net, theta, grad, h, c, saved_state_dtype=None):
+    if saved_state_dtype is not None:
+        raise ValueError("saved_state_dtype needs a fused backend: autograd through the reference keeps every gate")
     return l2l_step_ref(
         theta, grad, h, c, net.cell_weights(), net.head.weight, net.head.bias,
         preprocess_p=net.preprocess_p, output_scale=net.output_scale,

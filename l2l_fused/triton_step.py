@@ -1,7 +1,8 @@
-"""The ``"triton"`` backend: the whole step (preprocessing, L LSTM layers, head, update) in one kernel.
+"""The fused forward step in Triton: preprocessing, L LSTM layers, head and update in one kernel.
 
-Reads top to bottom: kernel helpers → forward kernel → launch tables → launcher → custom op → backend.
-The reference it must match is :func:`l2l_fused.reference.l2l_update_ref`.
+Reads top to bottom: forward kernel → launch tables → launcher → custom op (the optimizer's in-place group
+step). The reference it must match is :func:`l2l_fused.reference.l2l_update_ref`; the per-coordinate math
+is in :mod:`l2l_fused.triton_math`, shared with the backward.
 
 One launch covers every tensor of a param group, whatever their shapes and dtypes: the launcher writes a
 table with one row per tensor (addresses of θ in/out, ∇, h in/out, c in/out, its size, dtype code and
@@ -15,28 +16,21 @@ move is exactly one kernel launch.
 from __future__ import annotations
 
 import math
-import os
 from collections import OrderedDict
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from . import backends
+from .triton_math import triton
 
-try:
-    import triton
+if triton is not None:
     import triton.language as tl
-except ImportError:  # the package works without triton; this backend then reports itself unavailable
-    triton = None
 
-# Triton reads TRITON_INTERPRET when a kernel is decorated: set it before importing l2l_fused to run the
-# kernels on the CPU (that is how CI tests them).
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+    from .triton_math import _features, _gates, _load_f32, _store_theta_plus, _tanh, _to_state  # noqa: F401
 
-# Columns of the launch table, one row per tensor.
-THETA_IN, THETA_OUT, GRAD, H_IN, H_OUT, C_IN, C_OUT, NUMEL, DTYPE, FIRST_BLOCK = range(10)
-TABLE_COLUMNS = 10
+# The launch table has one row per tensor, ten int64 columns: addresses of θ in, θ out, ∇, h in, h out,
+# c in, c out, then the size, the dtype code and the tensor's first block.
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -53,87 +47,6 @@ DOT_PRECISION = "tf32x3"
 if triton is not None:
 
     @triton.jit
-    def _tanh(x):
-        # From exp of a non-positive argument: never overflows, and the interpreter (which has no
-        # libdevice) runs the same arithmetic as the GPU. Absolute error ~1e-7 near 0.
-        e = tl.exp(-2.0 * tl.abs(x))
-        t = (1.0 - e) / (1.0 + e)
-        return tl.where(x < 0, -t, t)
-
-    @triton.jit
-    def _to_bf16(x):
-        """float32 → bfloat16, rounded to nearest even. Written out because Triton's interpreter
-        truncates in ``.to(tl.bfloat16)`` while the GPU rounds: this way CI tests what the GPU runs."""
-        bits = x.to(tl.uint32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        rounded = tl.where(x != x, 0x7FC0, rounded)  # keep NaN a NaN (the carry could make it inf)
-        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-
-    @triton.jit
-    def _to_state(x, STATE_DTYPE: tl.constexpr):
-        if STATE_DTYPE == tl.bfloat16:
-            y = _to_bf16(x)
-        else:
-            y = x
-        return y
-
-    @triton.jit
-    def _load_f32(addr, offs, mask, code):
-        """Values of a float32/bfloat16/float16/float64 tensor at ``addr``, as float32."""
-        if code == 0:
-            v = tl.load(addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0)
-        elif code == 1:
-            v = tl.load(addr.to(tl.pointer_type(tl.bfloat16)) + offs, mask=mask, other=0.0).to(tl.float32)
-        elif code == 2:
-            v = tl.load(addr.to(tl.pointer_type(tl.float16)) + offs, mask=mask, other=0.0).to(tl.float32)
-        else:
-            v = tl.load(addr.to(tl.pointer_type(tl.float64)) + offs, mask=mask, other=0.0).to(tl.float32)
-        return v
-
-    @triton.jit
-    def _store_theta_plus(in_addr, out_addr, offs, mask, code, delta):
-        """θ' = θ + Δ, added in float32 (float64 for float64 θ) and rounded once to θ's dtype.
-
-        Nothing is assigned inside the branches: compiled Triton needs one type per variable across them."""
-        if code == 0:
-            tl.store(out_addr.to(tl.pointer_type(tl.float32)) + offs,
-                     tl.load(in_addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask) + delta, mask=mask)
-        elif code == 1:
-            tl.store(out_addr.to(tl.pointer_type(tl.bfloat16)) + offs,
-                     _to_bf16(tl.load(in_addr.to(tl.pointer_type(tl.bfloat16)) + offs, mask=mask).to(tl.float32) + delta),
-                     mask=mask)
-        elif code == 2:
-            tl.store(out_addr.to(tl.pointer_type(tl.float16)) + offs,
-                     (tl.load(in_addr.to(tl.pointer_type(tl.float16)) + offs, mask=mask).to(tl.float32) + delta).to(tl.float16),
-                     mask=mask)
-        else:
-            tl.store(out_addr.to(tl.pointer_type(tl.float64)) + offs,
-                     tl.load(in_addr.to(tl.pointer_type(tl.float64)) + offs, mask=mask) + delta.to(tl.float64), mask=mask)
-
-    @triton.jit
-    def _gate_preact(x, x0, x1, h, w_ih_ptr, w_hh_ptr, b_ih_ptr, b_hh_ptr, gate: tl.constexpr,
-                     FIRST: tl.constexpr, IN: tl.constexpr, H: tl.constexpr, HP: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
-        """z of one gate for a block: ``[BLOCK_N, HP]``, zero in the padded columns j >= H."""
-        j = tl.arange(0, HP)  # output unit
-        k = tl.arange(0, HP)  # input unit
-        rows = gate * H + j
-        wmask = (k[:, None] < H) & (j[None, :] < H)
-        # B[k, j] = W[gate*H + j, k]: the transposed gate block, read straight from nn.LSTMCell's layout.
-        w_hh = tl.load(w_hh_ptr + rows[None, :] * H + k[:, None], mask=wmask, other=0.0)
-        z = tl.dot(h, w_hh, input_precision=DOT_PRECISION)
-        if FIRST:
-            # 1 or 2 input features: rank-1 updates (a dot needs an inner size of at least 16)
-            z += x0[:, None] * tl.load(w_ih_ptr + rows * IN, mask=j < H, other=0.0)[None, :]
-            if IN == 2:
-                z += x1[:, None] * tl.load(w_ih_ptr + rows * IN + 1, mask=j < H, other=0.0)[None, :]
-        else:
-            w_ih = tl.load(w_ih_ptr + rows[None, :] * H + k[:, None], mask=wmask, other=0.0)
-            z = tl.dot(x, w_ih, z, input_precision=DOT_PRECISION)
-        bias = tl.load(b_ih_ptr + rows, mask=j < H, other=0.0) + tl.load(b_hh_ptr + rows, mask=j < H, other=0.0)
-        return z + bias[None, :]
-
-    @triton.jit
     def _l2l_fwd_kernel(
         table_ptr, block_tensor_ptr, cells, head_w_ptr, head_b_ptr,
         output_scale, inv_p, threshold, exp_p,
@@ -147,15 +60,7 @@ if triton is not None:
         offs = (pid - tl.load(row + 9)) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: N*H can pass 2**31
         mask = offs < numel
 
-        g = _load_f32(tl.load(row + 2), offs, mask, code)
-        if PREPROCESS:
-            mag = tl.abs(g)
-            large = mag >= threshold
-            x0 = tl.where(large, tl.log(tl.where(large, mag, 1.0)) * inv_p, -1.0)
-            x1 = tl.where(large, tl.where(g > 0, 1.0, -1.0), g * exp_p)
-        else:
-            x0 = g
-            x1 = g
+        x0, x1 = _features(_load_f32(tl.load(row + 2), offs, mask, code), inv_p, threshold, exp_p, PREPROCESS)
 
         k = tl.arange(0, HP)
         state_offs = offs[:, None] * H + k[None, :]
@@ -172,15 +77,9 @@ if triton is not None:
             at = layer * layer_stride + state_offs
             h = tl.load(h_in + at, mask=state_mask, other=0.0).to(tl.float32)
             c = tl.load(c_in + at, mask=state_mask, other=0.0).to(tl.float32)
-            first = layer == 0
-            # Gates one after another, in the order their products are consumed, to keep few tiles live.
-            z_i = _gate_preact(x, x0, x1, h, w_ih, w_hh, b_ih, b_hh, 0, first, IN, H, HP, DOT_PRECISION)
-            z_g = _gate_preact(x, x0, x1, h, w_ih, w_hh, b_ih, b_hh, 2, first, IN, H, HP, DOT_PRECISION)
-            ig = tl.sigmoid(z_i) * _tanh(z_g)
-            z_f = _gate_preact(x, x0, x1, h, w_ih, w_hh, b_ih, b_hh, 1, first, IN, H, HP, DOT_PRECISION)
-            c = tl.sigmoid(z_f) * c + ig
-            z_o = _gate_preact(x, x0, x1, h, w_ih, w_hh, b_ih, b_hh, 3, first, IN, H, HP, DOT_PRECISION)
-            x = tl.sigmoid(z_o) * _tanh(c)  # padded columns: 0.5 * tanh(0) = 0
+            i, f, g, o = _gates(x, x0, x1, h, w_ih, w_hh, b_ih, b_hh, layer == 0, IN, H, HP, DOT_PRECISION)
+            c = f * c + i * g
+            x = o * _tanh(c)
             tl.store(h_out + at, _to_state(x, STATE_DTYPE), mask=state_mask)
             tl.store(c_out + at, _to_state(c, STATE_DTYPE), mask=state_mask)
 
@@ -332,41 +231,3 @@ def _group_step_op(
 @_group_step_op.register_fake
 def _(params, grads, h, c, weights, preprocess_p, output_scale) -> None:
     return None
-
-
-# --------------------------------------------------------------------------------------------- backend
-
-def group_step(net, params, grads, hs, cs):
-    _group_step_op(params, grads, hs, cs, net_weights(net, params[0].device), net.preprocess_p, net.output_scale)
-
-
-def step(net, theta, grad, h, c):
-    """Out-of-place step of one flat tensor (``LSTMOptimizerNet.forward``); forward only for now."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (theta, h, c, *net.parameters())):
-        raise NotImplementedError(
-            "backend 'triton' has no backward yet: call it under torch.no_grad(), or use backend='reference' "
-            "to differentiate through the step"
-        )
-    weights = net_weights(net, theta.device)
-    theta_in, grad = theta.contiguous(), grad.contiguous()
-    h, c = h.contiguous(), c.contiguous()
-    theta_out, h_out, c_out = torch.empty_like(theta_in), torch.empty_like(h), torch.empty_like(c)
-    launch_forward([(theta_in, theta_out, grad, h, h_out, c, c_out)], weights, net.preprocess_p, net.output_scale)
-    return theta_out, h_out, c_out
-
-
-def _priority(device: torch.device) -> int:
-    """Fastest on CUDA; on the CPU only by name (the interpreter is a test vehicle, not a speed-up)."""
-    return 10 if device.type == "cuda" else -1
-
-
-def _available(device: torch.device) -> bool:
-    return triton is not None and (device.type == "cuda" or (device.type == "cpu" and INTERPRETED))
-
-
-backends.register(
-    backends.Backend(
-        name="triton", priority=_priority, is_available=_available, step=step, group_step=group_step,
-        supports=lambda net: _size_problem(net.num_layers, net.hidden_size),
-    )
-)

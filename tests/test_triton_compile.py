@@ -17,3 +17,4 @@ def test_every_kernel_configuration_compiles_for_hopper():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("ok   forward") == 6, result.stdout
+    assert result.stdout.count("ok   backward") == 4, result.stdout

@@ -147,7 +147,7 @@ def test_optimizer_skips_params_without_grad_and_handles_strided_ones(seed, kern
     torch.testing.assert_close(opt.state[strided]["h"], ref.state[twin]["h"], rtol=F32_TOL, atol=F32_TOL)
 
 
-def test_net_forward_triton_is_forward_only_for_now(seed, kernel_device):
+def test_net_forward_triton_matches_reference(seed, kernel_device):
     net = random_net().to(kernel_device)
     theta = torch.randn(3, 7, device=kernel_device)
     grad = _grad_for(21, 10.0, torch.float32).view(3, 7).to(kernel_device)
@@ -159,8 +159,6 @@ def test_net_forward_triton_is_forward_only_for_now(seed, kernel_device):
     torch.testing.assert_close(got, want, rtol=F32_TOL, atol=F32_TOL)
     torch.testing.assert_close(h, h_ref, rtol=F32_TOL, atol=F32_TOL)
     torch.testing.assert_close(c, c_ref, rtol=F32_TOL, atol=F32_TOL)
-    with pytest.raises(NotImplementedError, match="no backward yet"):
-        net(theta, grad, state, backend="triton")
 
 
 def test_auto_keeps_the_reference_on_cpu_and_nets_the_kernel_cannot_run():

@@ -42,15 +42,17 @@ def evaluate(
     tune_functions: int,
     tune_seed: int,
     backend: str = "auto",
+    device="cpu",
 ) -> list[Run]:
     """The learned optimizer (float32 state, and bfloat16 state through ``L2LOptimizer(state_dtype=...)``)
     and every baseline (tuned on separate functions) on the same test functions."""
-    test = task.sample(test_functions, torch.Generator().manual_seed(test_seed))
+    test = task.sample(test_functions, torch.Generator().manual_seed(test_seed)).to(device)
+    net = net.to(device)
     bf16 = optimizer_losses(lambda ps: L2LOptimizer(ps, net=net, backend=backend, state_dtype=torch.bfloat16), test, steps)
-    runs = [Run(LEARNED, None, learned_losses(net, test, steps, backend)), Run(LEARNED_BF16, None, bf16)]
+    runs = [Run(LEARNED, None, learned_losses(net, test, steps, backend).cpu()), Run(LEARNED_BF16, None, bf16.cpu())]
     for name in BASELINES:
-        lr, _ = tune(name, task, steps, tune_functions, tune_seed)
-        runs.append(Run(name, lr, baseline_losses(name, lr, test, steps)))
+        lr, _ = tune(name, task, steps, tune_functions, tune_seed, device=device)
+        runs.append(Run(name, lr, baseline_losses(name, lr, test, steps).cpu()))
     return runs
 
 

@@ -7,6 +7,7 @@ leading batch dimension and ``loss`` returns one loss per function, so any coord
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -14,9 +15,16 @@ from torch import Tensor
 
 
 class Problem:
-    """B sampled functions: their initial parameters and their losses."""
+    """B sampled functions: their initial parameters and their losses. Subclasses are dataclasses whose
+    tensor fields describe the functions."""
 
     params: list[Tensor]  # initial values, each [B, ...], not requiring grad
+
+    def to(self, device) -> "Problem":
+        """The same functions with every tensor field on ``device``."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                 if isinstance(getattr(self, f.name), Tensor)}
+        return dataclasses.replace(self, **moved)
 
     def loss(self, params: list[Tensor], step: int) -> Tensor:
         """Per-function losses ``[B]`` at ``params`` (same shapes as ``self.params``) at optimization step
@@ -32,6 +40,8 @@ class Task:
     output_scale: float
 
     def sample(self, n_functions: int, generator: torch.Generator) -> Problem:
+        """B functions drawn with ``generator`` (a CPU generator: a seed gives the same functions on any
+        device; move them with ``Problem.to``)."""
         raise NotImplementedError
 
     def net_options(self) -> dict:

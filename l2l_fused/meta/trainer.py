@@ -59,18 +59,22 @@ class MetaTrainer:
     one on the same machine and backend.
     """
 
-    def __init__(self, net: LSTMOptimizerNet, task: Task, config: TrainConfig, backend: str = "auto") -> None:
-        self.net, self.task, self.config, self.backend = net, task, config, backend
+    def __init__(self, net: LSTMOptimizerNet, task: Task, config: TrainConfig, backend: str = "auto",
+                 device="cpu") -> None:
+        self.device = torch.device(device)
+        self.net, self.task, self.config, self.backend = net.to(self.device), task, config, backend
         self.meta_optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.validation = task.sample(config.val_functions, torch.Generator().manual_seed(config.seed + 1))
+        validation = task.sample(config.val_functions, torch.Generator().manual_seed(config.seed + 1))
+        self.validation = validation.to(self.device)
         self.best_state = copy.deepcopy(net.state_dict())
         self.state = TrainState()
 
     def train_batch(self) -> float:
         """One sampled batch: K steps, a φ update after every truncation. Returns the mean loss."""
         cfg = self.config
-        trajectory = Trajectory(self.net, self.task.sample(cfg.batch_size, self.generator), self.backend)
+        problem = self.task.sample(cfg.batch_size, self.generator).to(self.device)
+        trajectory = Trajectory(self.net, problem, self.backend)
         total = 0.0
         for _ in range(cfg.steps // cfg.truncation):
             losses = trajectory.advance(cfg.truncation)  # [T, B]
@@ -109,7 +113,7 @@ class MetaTrainer:
     def best_net(self) -> LSTMOptimizerNet:
         best = copy.deepcopy(self.net)
         best.load_state_dict(self.best_state)
-        return best
+        return best.cpu()
 
     def save(self, path: str) -> None:
         """Checkpoint, written atomically (a crash mid-write leaves the previous one intact)."""

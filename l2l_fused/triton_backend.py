@@ -1,0 +1,31 @@
+"""The ``"triton"`` backend: the fused kernels behind the registry's two entry points."""
+
+from __future__ import annotations
+
+import torch
+
+from . import backends
+from .triton_backward import fused_step
+from .triton_math import INTERPRETED, triton
+from .triton_step import _group_step_op, _size_problem, net_weights
+
+
+def group_step(net, params, grads, hs, cs):
+    _group_step_op(params, grads, hs, cs, net_weights(net, params[0].device), net.preprocess_p, net.output_scale)
+
+
+def _priority(device: torch.device) -> int:
+    """Fastest on CUDA; on the CPU only by name (the interpreter is a test vehicle, not a speed-up)."""
+    return 10 if device.type == "cuda" else -1
+
+
+def _available(device: torch.device) -> bool:
+    return triton is not None and (device.type == "cuda" or (device.type == "cpu" and INTERPRETED))
+
+
+backends.register(
+    backends.Backend(
+        name="triton", priority=_priority, is_available=_available, step=fused_step, group_step=group_step,
+        supports=lambda net: _size_problem(net.num_layers, net.hidden_size),
+    )
+)
