@@ -23,8 +23,10 @@ for stage in $stages; do
                 -k "launch or optimizer or unrolled or repeated" \
                 2>&1 | tee "$OUT/sanitizer.log" | tail -8 ;;
         bench-step)
-            timeout 330 python bench/bench_step.py --sizes 1e6 1e7 1e8 --model --sweep --out "$OUT/step.json" \
+            timeout 330 python bench/bench_step.py --sizes 1e6 1e7 1e8 --model ${STEP_OPTIONS:-} --out "$OUT/step.json" \
                 2>&1 | tee "$OUT/bench_step.log" | tail -40 ;;
+        diagnose)
+            timeout 120 python bench/diagnose_forward.py 2>&1 | tee "$OUT/diagnose.log" | tail -20 ;;
         bench-meta)
             timeout 300 python bench/bench_meta.py --sizes 1e6 1e7 --steps 20 --out "$OUT/meta.json" \
                 2>&1 | tee "$OUT/bench_meta.log" | tail -12 ;;
