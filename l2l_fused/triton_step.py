@@ -15,6 +15,7 @@ move is exactly one kernel launch.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import OrderedDict
 from typing import Optional, Sequence
@@ -90,33 +91,59 @@ if triton is not None:
 
 # ---------------------------------------------------------------------------------------------- tables
 
+class _LRU(OrderedDict):
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+
+    def put(self, key, value):
+        self[key] = value
+        if len(self) > self.capacity:
+            self.popitem(last=False)
+        return value
+
+    def hit(self, key):
+        value = self.get(key)
+        if value is not None:
+            self.move_to_end(key)
+        return value
+
+
+def _upload(host: Tensor, device: torch.device) -> Tensor:
+    """Host → device without waiting for the device: from pinned memory, asynchronously (a pageable copy
+    would make the host wait for all queued GPU work, every time a table changes)."""
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 class _LaunchTables:
-    """Small LRU of device tables keyed by every address, size and dtype they encode: a hit is exact."""
+    """Device tables, cached. The block→tensor map depends on the sizes only; the pointer table on every
+    address, size and dtype it encodes, so a hit is exact. Gradients that are new tensors each step (as
+    after ``zero_grad(set_to_none=True)``) usually come back at the same addresses from PyTorch's caching
+    allocator; when they do not, the new table goes up asynchronously, and the step is still one launch."""
 
     def __init__(self, capacity: int = 16) -> None:
-        self.capacity = capacity
-        self.entries: OrderedDict = OrderedDict()
+        self.pointers = _LRU(capacity)
+        self.blocks = _LRU(capacity)
 
     def get(self, rows: list[tuple[Tensor, ...]], block_n: int, device: torch.device) -> tuple[Tensor, Tensor, int]:
+        sizes = tuple(row[0].numel() for row in rows)
+        block_key = (device, block_n, sizes)
+        blocks = self.blocks.hit(block_key)
+        if blocks is None:
+            counts = [triton.cdiv(n, block_n) for n in sizes]
+            block_tensor = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32), torch.tensor(counts))
+            blocks = self.blocks.put(block_key, (_upload(block_tensor, device), sum(counts), counts))
+        block_tensor, num_blocks, counts = blocks
         key = (device, block_n) + tuple((t.data_ptr(), t.numel(), t.dtype) for r in rows for t in r)
-        hit = self.entries.get(key)
-        if hit is not None:
-            self.entries.move_to_end(key)
-            return hit
-        table, blocks, first = [], [], 0
-        for index, (theta_in, theta_out, grad, h_in, h_out, c_in, c_out) in enumerate(rows):
-            n = theta_in.numel()
-            table.append([theta_in.data_ptr(), theta_out.data_ptr(), grad.data_ptr(), h_in.data_ptr(),
-                          h_out.data_ptr(), c_in.data_ptr(), c_out.data_ptr(), n, DTYPE_CODES[theta_in.dtype], first])
-            count = triton.cdiv(n, block_n)
-            blocks.append(count)
-            first += count
-        block_tensor = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32), torch.tensor(blocks))
-        hit = (torch.tensor(table, dtype=torch.int64).to(device), block_tensor.to(device), first)
-        self.entries[key] = hit
-        if len(self.entries) > self.capacity:
-            self.entries.popitem(last=False)
-        return hit
+        table = self.pointers.hit(key)
+        if table is None:
+            firsts = [0] + list(itertools.accumulate(counts))[:-1]
+            host = torch.tensor([[t.data_ptr() for t in row] + [n, DTYPE_CODES[row[0].dtype], first]
+                                 for row, n, first in zip(rows, sizes, firsts)], dtype=torch.int64)
+            table = self.pointers.put(key, _upload(host, device))
+        return table, block_tensor, num_blocks
 
 
 _TABLES = _LaunchTables()
