@@ -41,7 +41,8 @@ def forward_configs():
     for layers, hidden, features, state in [(2, 20, 2, tl.float32), (2, 20, 2, tl.bfloat16), (1, 20, 1, tl.float32),
                                             (3, 64, 2, tl.float32), (1, 33, 2, tl.bfloat16), (2, 5, 2, tl.float32)]:
         constexprs = {"L": layers, "H": hidden, "HP": max(16, triton.next_power_of_2(hidden)), "IN": features,
-                      "PREPROCESS": features == 2, "STATE_DTYPE": state, "BLOCK_N": triton_step.BLOCK_N,
+                      "PREPROCESS": features == 2, "STATE_DTYPE": state,
+                      "BLOCK_N": triton_step.forward_block(max(16, triton.next_power_of_2(hidden))),
                       "DOT_PRECISION": triton_step.DOT_PRECISION}
         yield f"forward L={layers} H={hidden} in={features} state={state}", constexprs, forward_signature(layers)
 
