@@ -16,7 +16,7 @@ fi
 if ! python -c 'import torch' 2>/dev/null; then
     python -m pip install -q torch==2.13.0
 fi
-if ! python -c 'import l2l_fused, pytest, hypothesis, matplotlib, tqdm' 2>/dev/null; then
+if ! python -c 'import l2l_fused, pytest, hypothesis, matplotlib, tqdm, triton' 2>/dev/null; then
     # --no-build-isolation: an isolated build environment would resolve its own, unpinned, torch.
     python -m pip install -q --no-build-isolation -e ".[test]"
 fi
