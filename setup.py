@@ -1,14 +1,75 @@
-"""Build of l2l_fused. The native extension (csrc/) joins this file with the native-kernel issue; until
-then the package is Python (plus Triton kernels, compiled at run time) and installs on any machine,
-with or without CUDA."""
+"""Build of l2l_fused: the Python package and its native extension l2l_fused._C (csrc/), which CMakeLists.txt
+defines and this file drives (one build definition).
 
-from setuptools import find_packages, setup
+    pip install -e . --no-build-isolation     # --no-build-isolation: build against the installed torch
+
+Environment switches:
+    L2L_BUILD_NATIVE=0   skip the extension (the "native" backend then reports how to build it)
+    L2L_BUILD_NATIVE=1   a failed extension build is an error (default: a warning; the package still works)
+    L2L_CUDA=0 / =1      skip / require the CUDA kernel (default: built when torch has CUDA and nvcc is found)
+    TORCH_CUDA_ARCH_LIST e.g. "9.0;8.0" (default 9.0: Hopper)
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+
+def _cuda_wanted(torch) -> bool:
+    flag = os.environ.get("L2L_CUDA", "auto")
+    found = torch.version.cuda is not None and shutil.which("nvcc") is not None
+    if flag == "1" and not found:
+        raise RuntimeError("L2L_CUDA=1 but torch has no CUDA or nvcc is not on PATH")
+    return found if flag == "auto" else flag == "1"
+
+
+def _cuda_architectures() -> str:
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0").replace(",", ";").replace(" ", ";")
+    return ";".join(a.replace(".", "").replace("+PTX", "") for a in archs.split(";") if a)
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext):
+        mode = os.environ.get("L2L_BUILD_NATIVE", "auto")
+        if mode == "0":
+            return
+        try:
+            self._cmake(ext)
+        except Exception as error:  # noqa: BLE001 - any failure: report it, or stop if the build is required
+            if mode == "1":
+                raise
+            warnings.warn(f"l2l_fused._C was not built ({error}); the 'native' backend is unavailable. "
+                          "Set L2L_BUILD_NATIVE=1 to see the failure as an error.")
+
+    def _cmake(self, ext):
+        import torch
+        import torch.utils
+
+        out_dir = os.path.dirname(os.path.abspath(self.get_ext_fullpath(ext.name)))
+        build_dir = os.path.abspath(os.path.join(self.build_temp, "cmake"))
+        cuda = _cuda_wanted(torch)
+        configure = ["cmake", "-S", os.path.dirname(os.path.abspath(__file__)), "-B", build_dir, "-G", "Ninja",
+                     f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", f"-DPython3_EXECUTABLE={sys.executable}",
+                     f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}", f"-DL2L_WITH_CUDA={'ON' if cuda else 'OFF'}",
+                     "-DCMAKE_BUILD_TYPE=Release"]
+        if cuda:
+            configure.append(f"-DCMAKE_CUDA_ARCHITECTURES={_cuda_architectures()}")
+        subprocess.run(configure, check=True)
+        subprocess.run(["cmake", "--build", build_dir, "--parallel"], check=True)
+
 
 setup(
     name="l2l_fused",
     version="0.1.0",
     description="Fused kernels for the learned LSTM optimizer of Andrychowicz et al. (2016)",
     packages=find_packages(include=["l2l_fused", "l2l_fused.*"]),
+    ext_modules=[Extension("l2l_fused._C", sources=[])],
+    cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",
     # A range, never a bare name: an installed torch (2.13 here, 2.11 on the GPU machines) satisfies it.
     # triton: the fused kernels (on the CPU, its interpreter runs them for the tests); Linux wheels only.

@@ -20,8 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import device_info, median_ms, write_results  # noqa: E402
 
-from l2l_fused import available_backends, reference_backend  # noqa: E402
-from l2l_fused.triton_backward import fused_step  # noqa: E402
+from l2l_fused import available_backends, backends, reference_backend  # noqa: E402
 from bench_step import paper_net  # noqa: E402
 
 
@@ -71,9 +70,11 @@ def main(argv=None) -> int:
     impls = [("reference (eager)", reference_backend.step)]
     if device.type == "cuda":
         impls.append(("reference (torch.compile)", torch.compile(reference_backend.step)))
-    if "triton" in available_backends(device):
-        impls += [("triton", lambda net, x, g, h, c: fused_step(net, x, g, h, c)),
-                  ("triton, bf16 saved state", lambda net, x, g, h, c: fused_step(net, x, g, h, c, torch.bfloat16))]
+    for name in ("triton", "native"):
+        if name in available_backends(device):
+            step = backends.resolve(name, device).step
+            impls += [(name, step),
+                      (f"{name}, bf16 saved state", lambda net, x, g, h, c, step=step: step(net, x, g, h, c, torch.bfloat16))]
     rows = []
     for n in (int(s) for s in args.sizes):
         grads = [torch.randn(n, device=device) * torch.exp(torch.empty(n, device=device).uniform_(-20, 5))

@@ -1,7 +1,8 @@
 """Forward step of the learned optimizer, side by side on the same tensors in one run.
 
 Implementations: the eager reference (``backend="reference"``), ``torch.compile`` of it, the fused
-Triton step (float32 and bfloat16 state), and ``torch.optim.Adam(fused=True)`` for scale. Cases: one flat
+Triton and native steps where available (float32 and bfloat16 state), and ``torch.optim.Adam`` (fused on
+a GPU) for scale. Cases: one flat
 tensor of N coordinates, and the parameter list of a ~110M-parameter transformer (196 tensors) beside a
 flat tensor of the same size. Reports the median time, coordinates/s, effective bandwidth (SPEC §4: 652 B
 per coordinate with float32 state, 332 B with bfloat16, 28 B for Adam) as a fraction of the measured
@@ -22,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import copy_bandwidth, device_info, median_ms, peak_extra_bytes, write_results  # noqa: E402
 
-from l2l_fused import LSTMOptimizerNet, available_backends, l2l_update_ref, reference_backend, triton_backend, triton_step  # noqa: E402
+from l2l_fused import LSTMOptimizerNet, available_backends, backends, l2l_update_ref, reference_backend, triton_step  # noqa: E402
 
 BYTES_PER_COORDINATE = {"float32": 652, "bfloat16": 332}
 ADAM_BYTES_PER_COORDINATE = 28
@@ -69,12 +70,14 @@ def implementations(case: Case, net, compile_reference: bool):
         compiled = torch.compile(reference_backend.group_step, dynamic=False)
         impls.append(("reference (torch.compile)", BYTES_PER_COORDINATE["float32"],
                       lambda: compiled(net, case.params, case.grads, h32, c32)))
-    if "triton" in available_backends(case.device):
-        impls += [
-            ("triton", BYTES_PER_COORDINATE["float32"], lambda: triton_backend.group_step(net, case.params, case.grads, h32, c32)),
-            ("triton, bf16 state", BYTES_PER_COORDINATE["bfloat16"],
-             lambda: triton_backend.group_step(net, case.params, case.grads, h16, c16)),
-        ]
+    for name in ("triton", "native"):
+        if name in available_backends(case.device):
+            group_step = backends.resolve(name, case.device).group_step
+            impls += [
+                (name, BYTES_PER_COORDINATE["float32"], lambda g=group_step: g(net, case.params, case.grads, h32, c32)),
+                (f"{name}, bf16 state", BYTES_PER_COORDINATE["bfloat16"],
+                 lambda g=group_step: g(net, case.params, case.grads, h16, c16)),
+            ]
     adam_params = [torch.nn.Parameter(p.clone()) for p in case.params]
     for p, g in zip(adam_params, case.grads):
         p.grad = g

@@ -1,6 +1,6 @@
 """l2l_fused: the learned LSTM optimizer of Andrychowicz et al. (2016), fused for real models."""
 
-from . import reference_backend, triton_backend  # noqa: F401  (register the "reference" and "triton" backends)
+from . import native, reference_backend, triton_backend  # noqa: F401  (register the backends)
 from .backends import available as available_backends
 from .net import LSTMOptimizerNet
 from .optim import L2LOptimizer

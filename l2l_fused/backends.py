@@ -35,6 +35,8 @@ class Backend:
     group_step: Callable
     # None if the backend runs this net, else why not (a size it has no kernel for, say).
     supports: Callable[[object], Optional[str]] = _supports_any
+    # Why it is not available on a device, and what would make it so.
+    unavailable_reason: Optional[Callable[[torch.device], str]] = None
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -61,6 +63,8 @@ def resolve(name: str, device, net=None) -> Backend:
             why = "no such backend"
         elif net is not None and _REGISTRY[name].supports(net) is not None:
             why = _REGISTRY[name].supports(net)
+        elif _REGISTRY[name].unavailable_reason is not None:
+            why = _REGISTRY[name].unavailable_reason(torch.device(device))
         else:
             why = f"not available on {torch.device(device)}"
         raise ValueError(f"backend {name!r}: {why}; available: {[AUTO] + names}")

@@ -5,9 +5,14 @@ from __future__ import annotations
 import torch
 
 from . import backends
-from .triton_backward import fused_step
+from .fused import fused_step
+from .triton_backward import KERNELS
 from .triton_math import INTERPRETED, triton
-from .triton_step import _group_step_op, _size_problem, net_weights
+from .triton_step import _group_step_op, net_weights, supports
+
+
+def step(net, theta, grad, h, c, saved_state_dtype=None):
+    return fused_step(KERNELS, net, theta, grad, h, c, saved_state_dtype)
 
 
 def group_step(net, params, grads, hs, cs):
@@ -25,7 +30,7 @@ def _available(device: torch.device) -> bool:
 
 backends.register(
     backends.Backend(
-        name="triton", priority=_priority, is_available=_available, step=fused_step, group_step=group_step,
-        supports=lambda net: _size_problem(net.num_layers, net.hidden_size),
+        name="triton", priority=_priority, is_available=_available, step=step, group_step=group_step,
+        supports=supports,
     )
 )

@@ -1,11 +1,10 @@
-"""The fused backward of the step (SPEC §2) in Triton, and the autograd Function around both kernels.
+"""The fused backward of the step (SPEC §2) in Triton.
 
-Reads top to bottom: backward kernel → launcher → ``FusedStep`` (autograd Function) → ``fused_step``.
-
-The Function saves only what the step read (∇ and the incoming state; optionally the state in bfloat16),
-never a gate: backward recomputes the gates of each layer from those inputs, so an unrolled step costs
-324 B per coordinate in float32 (164 B with bfloat16 saving) where autograd through ``nn.LSTMCell``
-keeps every gate of every layer, kilobytes. No gradient flows into ∇ (the paper's assumption).
+Reads top to bottom: backward kernel → launcher → the ``Kernels`` record that :mod:`l2l_fused.fused`'s
+autograd Function runs. That Function saves only what the step read (∇ and the incoming state), never a
+gate: this kernel recomputes the gates of each layer from those inputs, so an unrolled step costs 324 B
+per coordinate in float32 (164 B with bfloat16 saving) where autograd through ``nn.LSTMCell`` keeps every
+gate of every layer, kilobytes.
 
 Weight gradients are sums over all coordinates. They are reduced deterministically: a fixed number of
 programs (``MAX_PROGRAMS``, whatever the GPU) each walk their own blocks in a fixed order and add into
@@ -23,6 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .fused import Kernels
 from .triton_math import triton
 from .triton_step import BLOCK_N, DOT_PRECISION, NUM_WARPS, _check_weights, launch_forward
 
@@ -223,42 +223,16 @@ def launch_backward(
     return dh, dc, grads
 
 
-# ------------------------------------------------------------------------------------ autograd Function
+# ----------------------------------------------------------------------------------- kernels record
 
-class FusedStep(torch.autograd.Function):
-    """``(θ', h', c') = step(θ, ∇, h, c; φ)`` with the fused forward and backward kernels."""
-
-    @staticmethod
-    def forward(ctx, theta, grad, h, c, preprocess_p, output_scale, saved_state_dtype, *weights):
-        theta_out, h_out, c_out = torch.empty_like(theta), torch.empty_like(h), torch.empty_like(c)
-        launch_forward([(theta, theta_out, grad, h, h_out, c, c_out)], weights, preprocess_p, output_scale)
-        if saved_state_dtype is not None and saved_state_dtype != h.dtype:
-            h, c = h.to(saved_state_dtype), c.to(saved_state_dtype)
-        ctx.save_for_backward(grad, h, c, *weights)
-        ctx.options = (preprocess_p, output_scale)
-        return theta_out, h_out, c_out
-
-    @staticmethod
-    def backward(ctx, dtheta, dh_next, dc_next):
-        grad, h, c, *weights = ctx.saved_tensors
-        dh, dc, dweights = launch_backward(grad, h, c, dtheta.contiguous(), dh_next.contiguous(),
-                                           dc_next.contiguous(), weights, *ctx.options)
-        # θ' = θ + Δ with ∂Δ/∂θ = 0: dθ = dθ'. ∇ is a constant (no second derivatives).
-        return (dtheta if ctx.needs_input_grad[0] else None, None, dh, dc, None, None, None, *dweights)
-
-
-def fused_step(net, theta: Tensor, grad: Tensor, h: Tensor, c: Tensor,
-               saved_state_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """One step of a flat θ, out of place; differentiable with respect to θ, h, c and φ when autograd
-    needs it (saving only ∇ and the incoming state, in ``saved_state_dtype`` if given)."""
-    weights = [w for cell in net.cell_weights() for w in cell] + [net.head.weight, net.head.bias]
-    if any(w.dtype != torch.float32 for w in weights):
-        raise ValueError(f"the triton backend runs float32 nets, not {weights[0].dtype}: cast the net or use 'reference'")
-    weights = [w.contiguous() for w in weights]
-    theta, grad, h, c = theta.contiguous(), grad.detach().contiguous(), h.contiguous(), c.contiguous()
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (theta, h, c, *weights)):
-        return FusedStep.apply(theta, grad, h, c, net.preprocess_p, net.output_scale, saved_state_dtype, *weights)
+def _forward(theta, grad, h, c, weights, preprocess_p, output_scale):
     theta_out, h_out, c_out = torch.empty_like(theta), torch.empty_like(h), torch.empty_like(c)
-    launch_forward([(theta, theta_out, grad, h, h_out, c, c_out)], [w.detach() for w in weights],
-                   net.preprocess_p, net.output_scale)
+    launch_forward([(theta, theta_out, grad, h, h_out, c, c_out)], weights, preprocess_p, output_scale)
     return theta_out, h_out, c_out
+
+
+def _weights(net) -> list[Tensor]:
+    return [w.contiguous() for cell in net.cell_weights() for w in cell] + [net.head.weight, net.head.bias]
+
+
+KERNELS = Kernels(name="triton", weights=_weights, forward=_forward, backward=launch_backward)

@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from .fused import float32_problem
 from .triton_math import triton
 
 if triton is not None:
@@ -150,6 +151,11 @@ _TABLES = _LaunchTables()
 
 
 # -------------------------------------------------------------------------------------------- launcher
+
+def supports(net) -> Optional[str]:
+    """Why the Triton kernels cannot run ``net``, or None."""
+    return float32_problem(net) or _size_problem(net.num_layers, net.hidden_size)
+
 
 def _size_problem(num_layers: int, hidden: int) -> Optional[str]:
     if not 1 <= num_layers <= MAX_LAYERS:

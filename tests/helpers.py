@@ -1,12 +1,33 @@
-"""Inputs for tests: gradients that hit every preprocessing case, nets with random weights."""
+"""Inputs and checks for tests: gradients that hit every preprocessing case, nets with random weights,
+and the comparison of a fused step with the float64 reference.
+
+Tolerances of a fused step (float32 math), from the arithmetic:
+* float32: every output is a sum of at most 2H + 2 <= 130 products through σ/tanh (Lipschitz <= 1);
+  float32 rounding gives ~sqrt(K) * 2**-24 * Σ|terms| ≈ 1e-6 on these inputs, tf32x3 on the GPU drops the
+  lo*lo product (~2**-21 per product). F32_TOL = 1e-5 (absolute and relative) leaves a margin of ~10.
+* bfloat16 state: a kernel rounds its float32 result once, to nearest: |error| <= 2**-8 |h| + F32_TOL.
+* θ' in a narrow dtype: θ + Δ rounded to it, so the dtype's unit roundoff times |θ'|, plus F32_TOL on Δ.
+"""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 
-from l2l_fused import LSTMOptimizerNet
+from l2l_fused import LSTMOptimizerNet, l2l_update_ref
+
+F32_TOL = 1e-5
+UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+CASES = [  # (preprocess_p, num_layers, hidden_size, output_scale, sizes)
+    (10.0, 2, 20, 0.1, [1, 7, 1000, 12345]),  # the paper's net; sizes not multiples of any block
+    (None, 1, 20, 1.0, [7, 1000, 3]),  # raw gradient input (quadratics)
+    (3.0, 3, 64, 0.5, [1, 777]),  # the largest net the kernels take
+    (10.0, 2, 5, 0.3, [130, 7]),  # hidden padded from 5 to 16 (Triton)
+    (10.0, 1, 33, 0.2, [65, 2]),  # hidden padded from 33 to 64 (Triton)
+]
 
 
 def adversarial_grad(n: int, p: float | None, dtype=torch.float32, generator=None) -> torch.Tensor:
@@ -36,3 +57,61 @@ def random_net(hidden_size=20, num_layers=2, preprocess_p=10.0, output_scale=0.1
 def random_state(net: LSTMOptimizerNet, n: int, dtype=torch.float32):
     shape = (net.num_layers, n, net.hidden_size)
     return torch.randn(shape, dtype=dtype) * 0.5, torch.randn(shape, dtype=dtype)
+
+
+def grad_for(n, p, dtype):
+    """Adversarial gradients that stay finite in ``dtype`` (non-finite ones are the optimizer's business)."""
+    g = adversarial_grad(n, p, torch.float64)
+    limit = torch.finfo(dtype).max / 2
+    return g.clamp(-limit, limit).to(dtype)
+
+
+def reference64(net, grads, hs, cs):
+    """Δ, h', c' of the flat group in float64 on the CPU, from exactly the values a kernel read."""
+    net64 = copy.deepcopy(net).double().cpu()
+    grad = torch.cat([g.cpu().double().flatten() for g in grads])
+    h = torch.cat([t.cpu().double() for t in hs], 1)
+    c = torch.cat([t.cpu().double() for t in cs], 1)
+    with torch.no_grad():
+        return l2l_update_ref(grad, h, c, net64.cell_weights(), net64.head.weight, net64.head.bias,
+                              preprocess_p=net.preprocess_p, output_scale=net.output_scale)
+
+
+def assert_within(got, want, bound, what):
+    got = got.cpu().double()
+    assert not torch.isnan(got).any(), f"{what}: unwritten (poisoned) or NaN elements"
+    excess = (got - want).abs() - bound
+    worst = excess.argmax()
+    assert excess.max() <= 0, (
+        f"{what}: |got - want| exceeds the bound by {excess.max().item():.3g} at {worst.item()} "
+        f"(got {got.flatten()[worst].item()!r}, want {want.flatten()[worst].item()!r})"
+    )
+
+
+def group_inputs(net, sizes, state_dtype, device):
+    """θ of mixed dtypes (cycling through DTYPES), finite adversarial ∇ and random state, per size."""
+    thetas, grads, hs, cs = [], [], [], []
+    for i, n in enumerate(sizes):
+        dtype = DTYPES[i % len(DTYPES)]
+        thetas.append(torch.randn(n, dtype=torch.float64).to(dtype).to(device))
+        grads.append(grad_for(n, net.preprocess_p, dtype).to(device))
+        h, c = (s.to(state_dtype).to(device) for s in random_state(net, n))
+        hs.append(h), cs.append(c)
+    return thetas, grads, hs, cs
+
+
+def check_step(net, thetas, grads, hs, cs, theta_outs, h_outs, c_outs, state_dtype):
+    """Outputs of one step of a group against the float64 reference, within the bounds above."""
+    delta, h_ref, c_ref = reference64(net, grads, hs, cs)
+    offset = 0
+    for theta, theta_out, h_out, c_out in zip(thetas, theta_outs, h_outs, c_outs):
+        n = theta.numel()
+        d = delta[offset:offset + n]
+        want = theta.cpu().double() + d
+        u = UNIT_ROUNDOFF[theta.dtype] + UNIT_ROUNDOFF[torch.float32]
+        assert_within(theta_out, want, u * want.abs() + F32_TOL * (1 + d.abs()), f"θ' ({theta.dtype}, n={n})")
+        for got, ref, name in ((h_out, h_ref, "h'"), (c_out, c_ref, "c'")):
+            ref = ref[:, offset:offset + n]
+            bound = F32_TOL * (1 + ref.abs()) + UNIT_ROUNDOFF[state_dtype] * ref.abs()
+            assert_within(got, ref, bound, f"{name} ({state_dtype}, n={n})")
+        offset += n

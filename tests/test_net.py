@@ -42,7 +42,7 @@ def test_forward_matches_reference_and_keeps_shape(seed):
     theta = torch.randn(3, 5, 7)
     grad = adversarial_grad(theta.numel(), 10.0).view_as(theta)
     h, c = random_state(net, theta.numel())
-    out, (h2, c2) = net(theta, grad, (h, c))
+    out, (h2, c2) = net(theta, grad, (h, c), backend="reference")
     ref = l2l_step_ref(theta.flatten(), grad.flatten(), h, c, net.cell_weights(), net.head.weight, net.head.bias,
                        preprocess_p=10.0, output_scale=0.1)
     assert out.shape == theta.shape
@@ -81,6 +81,12 @@ def test_forward_rejects_bad_input():
 
 def test_backend_registry_errors_list_available():
     net = LSTMOptimizerNet()
-    with pytest.raises(ValueError, match=r"backend 'nope': no such backend; available: \['auto', 'reference'"):
+    with pytest.raises(ValueError, match=r"backend 'nope': no such backend; available: \['auto', .*'reference'"):
         net(torch.zeros(4), torch.zeros(4), net.init_state(4), backend="nope")
     assert "reference" in l2l_fused.available_backends("cpu")
+
+
+def test_reference_rejects_saved_state_dtype():
+    net = LSTMOptimizerNet()
+    with pytest.raises(ValueError, match="needs a fused backend"):
+        net(torch.zeros(3), torch.zeros(3), net.init_state(3), backend="reference", saved_state_dtype=torch.bfloat16)

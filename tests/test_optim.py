@@ -31,7 +31,7 @@ def test_group_step_is_the_reference_over_the_flat_group(seed):
     net = random_net()
     params = _params([(5, 3), (5,), (7, 1, 2)])
     before = [p.detach().clone() for p in params]
-    opt = L2LOptimizer(params, net=net)
+    opt = L2LOptimizer(params, net=net, backend="reference")
     for step in range(3):
         _set_grads(params)
         states = [(opt.state[p]["h"].clone(), opt.state[p]["c"].clone()) if step else net.init_state(p.numel())
@@ -54,7 +54,7 @@ def test_any_float_dtype_math_in_float32(seed, dtype):
     _set_grads([p])
     before = p.detach().clone()
     delta, _, _ = _expected_update(net, [p], [net.init_state(p.numel())])
-    L2LOptimizer([p], net=net).step()
+    L2LOptimizer([p], net=net, backend="reference").step()
     wide = torch.float64 if dtype == torch.float64 else torch.float32
     expected = (before.to(wide) + delta.view_as(p).to(wide)).to(dtype)
     assert p.dtype == dtype
@@ -122,7 +122,7 @@ def test_params_without_grad_are_skipped(seed):
 def test_param_groups_use_their_own_net(seed):
     net_a, net_b = random_net(), random_net(hidden_size=6, num_layers=1, preprocess_p=None, output_scale=1.0)
     a, b = _params([(8,), (9,)])
-    opt = L2LOptimizer([{"params": [a]}, {"params": [b], "net": net_b}], net=net_a)
+    opt = L2LOptimizer([{"params": [a]}, {"params": [b], "net": net_b}], net=net_a, backend="reference")
     _set_grads([a, b])
     expect_a = a.detach() + _expected_update(net_a, [a], [net_a.init_state(8)])[0]
     expect_b = b.detach() + _expected_update(net_b, [b], [net_b.init_state(9)])[0]

@@ -1,0 +1,151 @@
+// CPU kernels of the step and its backward: OpenMP over coordinates through ATen's parallel_for (torch's own
+// OpenMP pool, so torch.set_num_threads applies and no second OpenMP runtime is loaded), the inner loops of
+// l2l_math.h vectorised over the 4H gate units.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <numeric>
+
+#include "l2l_ops.h"
+
+namespace l2l {
+namespace {
+
+// Coordinates per task; the weight-gradient partial sums are per chunk of this many, whatever the number
+// of threads, so the reduction's order (and so its rounding) never depends on the thread count.
+constexpr int64_t kChunk = 2048;
+
+template <typename Fn>
+void dispatch_hidden(const NetShape& s, Fn&& fn) {
+  if (s.hidden == 20) {
+    fn(std::integral_constant<int, 20>());
+  } else {
+    fn(std::integral_constant<int, 0>());
+  }
+}
+
+template <int H_CT, typename S, typename P>
+void forward_rows(const Row& row, int64_t begin, int64_t end, const float* w, const NetShape& s) {
+  using acc_t = at::opmath_type<P>;  // float, or double for double parameters
+  const P* theta_in = row[0].const_data_ptr<P>();
+  P* theta_out = row[1].data_ptr<P>();
+  const P* grad = row[2].const_data_ptr<P>();
+  const S* h_in = reinterpret_cast<const S*>(row[3].const_data_ptr());
+  S* h_out = reinterpret_cast<S*>(row[4].data_ptr());
+  const S* c_in = reinterpret_cast<const S*>(row[5].const_data_ptr());
+  S* c_out = reinterpret_cast<S*>(row[6].data_ptr());
+  const int64_t stride = row[0].numel() * s.hidden;
+  for (int64_t n = begin; n < end; ++n) {
+    const int64_t at = n * s.hidden;
+    const float delta = coordinate_forward<H_CT, S>(s, w, static_cast<float>(grad[n]), h_in + at, c_in + at,
+                                                    h_out + at, c_out + at, stride);
+    theta_out[n] = static_cast<P>(static_cast<acc_t>(theta_in[n]) + static_cast<acc_t>(delta));
+  }
+}
+
+struct ChunkSink {
+  const NetShape& s;
+  float* acc;  // this chunk's weight gradients, packed like the weights
+
+  void head(float du, const float* h_top) {
+    float* g = acc + layer_offset(s, s.layers);
+    for (int k = 0; k < s.hidden; ++k) g[k] += du * h_top[k];
+    g[s.hidden] += du;
+  }
+  void layer(int l, const float* dz, const float* x, int n_x, const float* h) {
+    const int H4 = 4 * s.hidden;
+    float* rows = acc + layer_offset(s, l);
+    for (int k = 0; k < n_x + s.hidden + 1; ++k) {
+      const float in = k < n_x ? x[k] : (k < n_x + s.hidden ? h[k - n_x] : 1.0f);  // the last row: the bias
+      float* row = rows + k * H4;
+#pragma omp simd
+      for (int j = 0; j < H4; ++j) row[j] += in * dz[j];
+    }
+  }
+};
+
+template <int H_CT, typename S>
+void backward_chunk(int64_t begin, int64_t end, const float* grad, const S* h, const S* c, const float* dtheta,
+                    const float* dh_next, const float* dc_next, float* dh, float* dc, float* acc, const float* w,
+                    const NetShape& s, int64_t stride) {
+  ChunkSink sink{s, acc};
+  for (int64_t n = begin; n < end; ++n) {
+    const int64_t at = n * s.hidden;
+    coordinate_backward<H_CT, S>(s, w, grad[n], h + at, c + at, stride, dtheta[n], dh_next + at, dc_next + at,
+                                 dh + at, dc + at, sink);
+  }
+}
+
+template <typename Fn>
+void dispatch_state(const at::Tensor& state, Fn&& fn) {
+  if (state.scalar_type() == at::kBFloat16) {
+    fn(uint16_t());
+  } else {
+    fn(float());
+  }
+}
+
+}  // namespace
+
+void forward_cpu(const std::vector<Row>& rows, const at::Tensor& weights, const NetShape& s) {
+  // One parallel loop over the group's coordinates, in chunks that never straddle two tensors.
+  std::vector<std::pair<int64_t, int64_t>> tasks;  // (row, first coordinate)
+  for (int64_t r = 0; r < static_cast<int64_t>(rows.size()); ++r)
+    for (int64_t n = 0; n < rows[r][0].numel(); n += kChunk) tasks.emplace_back(r, n);
+  const float* w = weights.const_data_ptr<float>();
+  dispatch_state(rows.front()[3], [&](auto state_tag) {
+    using S = decltype(state_tag);
+    dispatch_hidden(s, [&](auto hidden) {
+      at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t first, int64_t last) {
+        for (int64_t t = first; t < last; ++t) {
+          const Row& row = rows[tasks[t].first];
+          const int64_t begin = tasks[t].second, end = std::min(begin + kChunk, row[0].numel());
+          AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, row[0].scalar_type(), "l2l_forward_cpu", [&] {
+            forward_rows<decltype(hidden)::value, S, scalar_t>(row, begin, end, w, s);
+          });
+        }
+      });
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at::Tensor& h,
+                                                           const at::Tensor& c, const at::Tensor& dtheta,
+                                                           const at::Tensor& dh_next, const at::Tensor& dc_next,
+                                                           const at::Tensor& weights, const NetShape& s) {
+  const int64_t n = grad.numel(), packed = packed_size(s), stride = n * s.hidden;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  auto dh = at::empty_like(dh_next), dc = at::empty_like(dc_next);
+  auto partial = at::zeros({std::max<int64_t>(chunks, 1), packed}, weights.options());
+  const float* w = weights.const_data_ptr<float>();
+  float* acc = partial.data_ptr<float>();
+  dispatch_state(h, [&](auto state_tag) {
+    using S = decltype(state_tag);
+    const S* hp = reinterpret_cast<const S*>(h.const_data_ptr());
+    const S* cp = reinterpret_cast<const S*>(c.const_data_ptr());
+    dispatch_hidden(s, [&](auto hidden) {
+      at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+        for (int64_t k = first; k < last; ++k)
+          backward_chunk<decltype(hidden)::value, S>(
+              k * kChunk, std::min(n, (k + 1) * kChunk), grad.const_data_ptr<float>(), hp, cp,
+              dtheta.const_data_ptr<float>(), dh_next.const_data_ptr<float>(), dc_next.const_data_ptr<float>(),
+              dh.data_ptr<float>(), dc.data_ptr<float>(), acc + k * packed, w, s, stride);
+      });
+    });
+  });
+  // Second stage: chunk partials summed in chunk order (parallel over weight entries only).
+  auto d_weights = at::zeros({packed}, weights.options());
+  float* out = d_weights.data_ptr<float>();
+  at::parallel_for(0, packed, 256, [&](int64_t first, int64_t last) {
+    for (int64_t k = 0; k < chunks; ++k) {
+      const float* row = acc + k * packed;
+      for (int64_t e = first; e < last; ++e) out[e] += row[e];
+    }
+  });
+  return {dh, dc, d_weights};
+}
+
+}  // namespace l2l

@@ -1,0 +1,58 @@
+// Tensors to CUDA launches: the launch table, the stream, the partial-sum buffer.
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "l2l_cuda_kernels.h"
+#include "l2l_ops.h"
+
+namespace l2l {
+
+namespace {
+int dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return 0;
+    case at::kBFloat16: return 1;
+    case at::kHalf: return 2;
+    default: return 3;  // double (check_rows allows no other)
+  }
+}
+}  // namespace
+
+void forward_cuda(const std::vector<Row>& rows, const at::Tensor& weights, const NetShape& s) {
+  const c10::cuda::CUDAGuard guard(weights.device());
+  // The table goes up from pinned memory without making the host wait for the GPU.
+  auto host = at::empty({static_cast<int64_t>(rows.size()), kTableColumns},
+                        at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  int64_t* t = host.data_ptr<int64_t>();
+  int64_t first = 0;
+  for (size_t r = 0; r < rows.size(); ++r, t += kTableColumns) {
+    for (int i = 0; i < 7; ++i) t[i] = reinterpret_cast<int64_t>(rows[r][i].data_ptr());
+    t[7] = rows[r][0].numel();
+    t[8] = dtype_code(rows[r][0].scalar_type());
+    t[9] = first;
+    first += (t[7] + kForwardBlock - 1) / kForwardBlock;
+  }
+  auto table = host.to(weights.device(), /*non_blocking=*/true);
+  C10_CUDA_CHECK(launch_forward(table.const_data_ptr<int64_t>(), static_cast<int>(rows.size()), first,
+                                weights.const_data_ptr<float>(), s, rows.front()[3].scalar_type() == at::kBFloat16,
+                                c10::cuda::getCurrentCUDAStream()));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad, const at::Tensor& h,
+                                                            const at::Tensor& c, const at::Tensor& dtheta,
+                                                            const at::Tensor& dh_next, const at::Tensor& dc_next,
+                                                            const at::Tensor& weights, const NetShape& s) {
+  const c10::cuda::CUDAGuard guard(weights.device());
+  const int64_t n = grad.numel();
+  auto dh = at::empty_like(dh_next), dc = at::empty_like(dc_next);
+  auto partial = at::zeros({backward_blocks(n), packed_size(s)}, weights.options());
+  C10_CUDA_CHECK(launch_backward(grad.const_data_ptr<float>(), h.const_data_ptr(), c.const_data_ptr(),
+                                 dtheta.const_data_ptr<float>(), dh_next.const_data_ptr<float>(),
+                                 dc_next.const_data_ptr<float>(), dh.data_ptr<float>(), dc.data_ptr<float>(),
+                                 partial.data_ptr<float>(), weights.const_data_ptr<float>(), n, s,
+                                 h.scalar_type() == at::kBFloat16, c10::cuda::getCurrentCUDAStream()));
+  return {dh, dc, partial.sum(0)};  // the second, deterministic, stage of the reduction
+}
+
+}  // namespace l2l

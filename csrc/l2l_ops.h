@@ -1,0 +1,35 @@
+// The native ops' entry points, shared by the binding file and the CPU and CUDA implementations.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <vector>
+
+#include "l2l_math.h"
+
+namespace l2l {
+
+// Shape of the net from the op's arguments, checked (raises a Python ValueError/RuntimeError on bad input).
+NetShape make_shape(int64_t layers, int64_t hidden, int64_t features, std::optional<double> preprocess_p,
+                    double output_scale);
+
+// θ_out = θ_in + Δ and the next state for every row (θ_in, θ_out, ∇, h_in, h_out, c_in, c_out); outputs may
+// alias inputs. All rows share the packed weights and the state dtype.
+using Row = std::vector<at::Tensor>;
+void check_rows(const std::vector<Row>& rows, const at::Tensor& weights, const NetShape& s);
+void forward_cpu(const std::vector<Row>& rows, const at::Tensor& weights, const NetShape& s);
+// (dh, dc, d_weights packed) of one flat tensor's step.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at::Tensor& h,
+                                                           const at::Tensor& c, const at::Tensor& dtheta,
+                                                           const at::Tensor& dh_next, const at::Tensor& dc_next,
+                                                           const at::Tensor& weights, const NetShape& s);
+#ifdef L2L_WITH_CUDA
+void forward_cuda(const std::vector<Row>& rows, const at::Tensor& weights, const NetShape& s);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad, const at::Tensor& h,
+                                                            const at::Tensor& c, const at::Tensor& dtheta,
+                                                            const at::Tensor& dh_next, const at::Tensor& dc_next,
+                                                            const at::Tensor& weights, const NetShape& s);
+#endif
+
+}  // namespace l2l

@@ -1,0 +1,228 @@
+"""What every fused backend ("triton", "native") must do, on each device it runs on: the optimizer's group
+step and the differentiable step against the float64 reference (tolerances in helpers.py), and the
+backward's contract (gradients, determinism, memory, no gradient into ∇)."""
+
+import copy
+
+import pytest
+import torch
+
+from l2l_fused import L2LOptimizer, LSTMOptimizerNet, available_backends, backends
+from l2l_fused.meta import MetaTrainer, QuadraticTask, TrainConfig
+from helpers import (CASES, F32_TOL, UNIT_ROUNDOFF, adversarial_grad, assert_within, check_step, grad_for,
+                     group_inputs, random_net, random_state)
+
+FUSED = [("triton", "cuda"), ("triton", "cpu"), ("native", "cpu"), ("native", "cuda")]
+
+
+@pytest.fixture(params=FUSED, ids=[f"{b}-{d}" for b, d in FUSED])
+def fused(request):
+    """(backend name, device) for each fused backend and device it is available on here."""
+    name, device = request.param
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if name not in available_backends(device):
+        pytest.skip(f"{name} is not available on {device} here")
+    return name, torch.device(device)
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p,layers,hidden,scale,sizes", CASES[:3])
+def test_group_step_matches_reference(seed, fused, state_dtype, p, layers, hidden, scale, sizes):
+    """In place, as the optimizer calls it: an element left unwritten keeps its old value and fails."""
+    name, device = fused
+    net = random_net(hidden, layers, p, scale).to(device)
+    thetas, grads, hs, cs = group_inputs(net, sizes, state_dtype, device)
+    outs = [[t.clone() for t in ts] for ts in (thetas, hs, cs)]
+    backends.resolve(name, device, net).group_step(net, *outs[:1], grads, *outs[1:])
+    check_step(net, thetas, grads, hs, cs, *outs, state_dtype)
+
+
+def _model_params(device):
+    shapes_dtypes = [((13, 7), torch.float32), ((7,), torch.float32), ((5, 3, 4), torch.bfloat16), ((1,), torch.float16)]
+    return [torch.nn.Parameter(torch.randn(s, dtype=torch.float64).to(d).to(device)) for s, d in shapes_dtypes]
+
+
+def _run(backend, params, grads, net, steps, **options):
+    opt = L2LOptimizer(params, net=net, backend=backend, **options)
+    for _ in range(steps):
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_optimizer_equals_the_reference_backend(seed, fused, state_dtype):
+    name, device = fused
+    net = random_net().to(device)
+    params = _model_params(device)
+    grads = [grad_for(p.numel(), 10.0, p.dtype).view_as(p).to(device) for p in params]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    fast = _run(name, params, grads, net, 1, state_dtype=state_dtype)
+    plain = _run("reference", twins, grads, net, 1, state_dtype=state_dtype)
+    for p, q in zip(params, twins):
+        u = UNIT_ROUNDOFF[p.dtype] + UNIT_ROUNDOFF[torch.float32]
+        want = q.detach().cpu().double()
+        assert_within(p.detach(), want, 2 * u * want.abs() + F32_TOL, f"param {p.dtype}")
+        for key in ("h", "c"):
+            assert fast.state[p][key].dtype == state_dtype
+            ref = plain.state[q][key].cpu().double()
+            assert_within(fast.state[p][key], ref, F32_TOL * (1 + ref.abs()) + 2 * UNIT_ROUNDOFF[state_dtype] * ref.abs(), key)
+
+
+def test_optimizer_skips_params_without_grad_and_handles_strided_ones(seed, fused):
+    name, device = fused
+    net = random_net().to(device)
+    strided = torch.nn.Parameter(torch.randn(6, 5, device=device).t())  # non-contiguous parameter
+    idle = torch.nn.Parameter(torch.randn(4, device=device))
+    twin = torch.nn.Parameter(strided.detach().clone())
+    grad = torch.randn(6, 5, device=device).t()  # non-contiguous gradient
+    opt = L2LOptimizer([strided, idle], net=net, backend=name)
+    strided.grad = grad
+    idle_before = idle.detach().clone()
+    opt.step()
+    assert not strided.is_contiguous() and torch.equal(idle, idle_before) and idle not in opt.state
+    ref = _run("reference", [twin], [grad], net, 1)
+    want = twin.detach().cpu().double()
+    assert_within(strided.detach(), want, 2e-7 * want.abs() + F32_TOL, "θ'")
+    torch.testing.assert_close(opt.state[strided]["h"], ref.state[twin]["h"], rtol=F32_TOL, atol=F32_TOL)
+
+
+def test_net_forward_matches_reference(seed, fused):
+    name, device = fused
+    net = random_net().to(device)
+    theta = torch.randn(3, 7, device=device)
+    grad = grad_for(21, 10.0, torch.float32).view(3, 7).to(device)
+    state = tuple(s.to(device) for s in random_state(net, 21))
+    with torch.no_grad():
+        got, (h, c) = net(theta, grad, state, backend=name)
+        want, (h_ref, c_ref) = net(theta, grad, state, backend="reference")
+    assert got.shape == theta.shape
+    torch.testing.assert_close(got, want, rtol=F32_TOL, atol=F32_TOL)
+    torch.testing.assert_close(h, h_ref, rtol=F32_TOL, atol=F32_TOL)
+    torch.testing.assert_close(c, c_ref, rtol=F32_TOL, atol=F32_TOL)
+
+
+# ------------------------------------------------------------------------------------------ backward
+# The backward is float32 arithmetic of the same depth as the forward, plus weight gradients that are sums
+# over all coordinates (per block, then per program or chunk, then over those): the error stays near
+# sqrt(terms) * 2**-24 of the largest gradient, so 1e-5 of each tensor's largest value (max-norm relative)
+# leaves a wide margin and still catches any wrong term (those are O(1) relative).
+REL_TOL = 1e-5
+
+
+def _unroll_grads(net, backend, thetas, states, grads, weights_out, device, dtype=torch.float32, **options):
+    """Summed meta-loss of a 3-step unroll of several θ tensors; gradients wrt each θ, h0, c0 and φ."""
+    net = copy.deepcopy(net).to(device=device, dtype=dtype)
+    leaves, total = [], 0
+    for theta0, (h0, c0), steps, w in zip(thetas, states, grads, weights_out):
+        theta = theta0.to(device, dtype).requires_grad_()
+        h, c = h0.to(device, dtype).requires_grad_(), c0.to(device, dtype).requires_grad_()
+        leaves += [theta, h, c]
+        x, state = theta, (h, c)
+        for g in steps:
+            x, state = net(x, g.to(device, dtype), state, backend=backend, **options)
+            # a loss on θ' (what meta-training has) and on the state, so every adjoint input is non-zero
+            total = total + (x * w.to(device, dtype)).sum() + 0.1 * state[0].sum() + 0.05 * state[1].pow(2).sum()
+    return torch.autograd.grad(total, leaves + list(net.parameters()))
+
+
+def _problem(net, sizes, generator):
+    thetas = [torch.randn(n, generator=generator) for n in sizes]
+    states = [tuple(s for s in random_state(net, n)) for n in sizes]
+    grads = [[adversarial_grad(n, net.preprocess_p, generator=generator) for _ in range(3)] for n in sizes]
+    weights_out = [torch.randn(n, generator=generator) for n in sizes]
+    return thetas, states, grads, weights_out
+
+
+@pytest.mark.parametrize("preprocess_p,num_layers", [(10.0, 2), (10.0, 1), (None, 2), (None, 1)])
+def test_unrolled_meta_gradient_matches_float64_reference(seed, fused, preprocess_p, num_layers):
+    name, device = fused
+    net = random_net(20, num_layers, preprocess_p, 0.3)
+    problem = _problem(net, [1000, 7, 65], torch.Generator().manual_seed(seed))
+    got = _unroll_grads(net, name, *problem, device)
+    want = _unroll_grads(net, "reference", *problem, "cpu", torch.float64)
+    names = [f"{kind}{i}" for i in range(3) for kind in ("theta", "h", "c")] + [n for n, _ in net.named_parameters()]
+    for what, a, b in zip(names, got, want):
+        scale = b.abs().max().item()
+        err = (a.cpu().double() - b).abs().max().item()
+        assert err <= REL_TOL * scale, f"{what}: max error {err:.3g}, {err / scale:.3g} of its largest value"
+
+
+def test_repeated_backward_gives_bit_identical_weight_gradients(seed, fused):
+    name, device = fused
+    net = random_net().to(device)
+    n = 5000  # several blocks per program or chunk, and a partial last one
+    h, c = (s.to(device) for s in random_state(net, n))
+    grad = adversarial_grad(n, 10.0).to(device)
+    theta = torch.randn(n, device=device, requires_grad=True)
+    w = torch.randn(n, device=device)
+
+    def weight_grads():
+        x, (h2, c2) = net(theta, grad, (h, c), backend=name)
+        return torch.autograd.grad((x * w).sum() + h2.sum() + c2.pow(2).sum(), list(net.parameters()))
+
+    first = weight_grads()
+    for a, b in zip(first, weight_grads()):
+        assert torch.equal(a, b)
+
+
+def test_no_gradient_flows_into_the_optimizee_gradient(seed, fused):
+    name, device = fused
+    net = random_net().to(device)
+    grad = torch.randn(50, device=device, requires_grad=True)
+    theta = torch.randn(50, device=device, requires_grad=True)
+    x, _ = net(theta, grad, net.init_state(50, device=device), backend=name)
+    x.sum().backward()
+    assert grad.grad is None and theta.grad is not None and net.head.bias.grad is not None
+
+
+@pytest.mark.parametrize("saved_state_dtype,limit", [(None, 340), (torch.bfloat16, 180)])
+def test_saved_bytes_per_coordinate_per_step(fused, saved_state_dtype, limit):
+    """Counts what autograd keeps for one step (the weights, shared by all coordinates, aside)."""
+    name, device = fused
+    net = random_net().to(device)
+    n = 4096
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    theta = torch.randn(n, device=device, requires_grad=True)
+    state = tuple(s.to(device).requires_grad_() for s in random_state(net, n))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net(theta, torch.randn(n, device=device), state, backend=name, saved_state_dtype=saved_state_dtype)
+    per_coordinate = [t for t in saved if n in t.shape]  # not the weights, however many there are
+    total = sum(t.numel() * t.element_size() for t in per_coordinate) / n
+    assert total <= limit, [(tuple(t.shape), t.dtype) for t in per_coordinate]
+    assert total == (4 + 2 * 2 * 20 * (2 if saved_state_dtype else 4))  # ∇ in float32, h and c
+
+
+def test_bf16_saved_state_bounds_the_gradient_error(seed, fused):
+    """Saving h and c rounded to bfloat16 (relative error <= 2**-8) moves the recomputed gates by as much,
+    and through sigmoid/tanh (slopes <= 1) and weights of norm ~1 the gradients by a few times that:
+    the bound is 4 * 2**-8 of each tensor's largest value."""
+    name, device = fused
+    net = random_net(20, 2, 10.0, 0.3)
+    problem = _problem(net, [500], torch.Generator().manual_seed(seed))
+    exact = _unroll_grads(net, name, *problem, device)
+    rounded = _unroll_grads(net, name, *problem, device, saved_state_dtype=torch.bfloat16)
+    for a, b in zip(rounded, exact):
+        assert (a - b).abs().max() <= 4 * 2**-8 * b.abs().max()
+
+
+def test_meta_training_on_the_fused_backend_matches_the_reference(seed, fused):
+    """A few meta-updates through a fused backend land where the reference's do (to float32 noise)."""
+    name, device = fused
+    config = TrainConfig(epochs=1, iterations_per_epoch=2, batch_size=4, steps=6, truncation=3, val_functions=4, seed=seed)
+    results = []
+    for backend in (name, "reference"):
+        torch.manual_seed(seed)
+        net = LSTMOptimizerNet(**QuadraticTask().net_options())
+        trainer = MetaTrainer(net, QuadraticTask(), config, backend=backend, device=device)
+        trainer.train(progress=False)
+        results.append([p.detach().cpu().clone() for p in net.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
