@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstring>
 #include <numeric>
+#include <vector>
 
 #include "l2l_ops.h"
 
@@ -17,6 +18,9 @@ namespace {
 // Coordinates per task; the weight-gradient partial sums are per chunk of this many, whatever the number
 // of threads, so the reduction's order (and so its rounding) never depends on the thread count.
 constexpr int64_t kChunk = 2048;
+// Within a chunk, weight gradients are summed over tiles of this many coordinates first, then tile by tile
+// into the chunk's partial: float rounding grows with ~kTile + kChunk / kTile additions, not kChunk.
+constexpr int64_t kTile = 64;
 
 template <typename Fn>
 void dispatch_hidden(const NetShape& s, Fn&& fn) {
@@ -71,11 +75,18 @@ template <int H_CT, typename S>
 void backward_chunk(int64_t begin, int64_t end, const float* grad, const S* h, const S* c, const float* dtheta,
                     const float* dh_next, const float* dc_next, float* dh, float* dc, float* acc, const float* w,
                     const NetShape& s, int64_t stride) {
-  ChunkSink sink{s, acc};
-  for (int64_t n = begin; n < end; ++n) {
-    const int64_t at = n * s.hidden;
-    coordinate_backward<H_CT, S>(s, w, grad[n], h + at, c + at, stride, dtheta[n], dh_next + at, dc_next + at,
-                                 dh + at, dc + at, sink);
+  const int64_t packed = packed_size(s);
+  std::vector<float> tile(packed);
+  for (int64_t first = begin; first < end; first += kTile) {
+    std::fill(tile.begin(), tile.end(), 0.0f);
+    ChunkSink sink{s, tile.data()};
+    for (int64_t n = first; n < std::min(end, first + kTile); ++n) {
+      const int64_t at = n * s.hidden;
+      coordinate_backward<H_CT, S>(s, w, grad[n], h + at, c + at, stride, dtheta[n], dh_next + at, dc_next + at,
+                                   dh + at, dc + at, sink);
+    }
+#pragma omp simd
+    for (int64_t e = 0; e < packed; ++e) acc[e] += tile[e];
   }
 }
 

@@ -22,8 +22,12 @@
 #endif
 #if defined(__CUDA_ARCH__)
 #define L2L_UNROLL _Pragma("unroll")
+#define L2L_SUM_OVER_UNITS L2L_UNROLL
 #else
 #define L2L_UNROLL  // host compilers vectorise these loops over units at -O3 on their own
+// A sum over units may be vectorised (reassociated) on the host: -O3 alone keeps it scalar. The order stays
+// fixed for a given build, so results stay deterministic.
+#define L2L_SUM_OVER_UNITS _Pragma("omp simd reduction(+ : acc)")
 #endif
 
 namespace l2l {
@@ -163,7 +167,7 @@ L2L_UNROLL
     for (int k = 0; k < n_x; ++k) {
       const float* row = WT + k * 4 * H;
       float acc = 0.0f;
-L2L_UNROLL
+L2L_SUM_OVER_UNITS
       for (int j = 0; j < 4 * H; ++j) acc += row[j] * dz[j];
       dx[k] = acc;
     }
@@ -172,7 +176,7 @@ L2L_UNROLL
   for (int k = 0; k < H; ++k) {
     const float* row = WT + (n_x + k) * 4 * H;
     float acc = 0.0f;
-L2L_UNROLL
+L2L_SUM_OVER_UNITS
     for (int j = 0; j < 4 * H; ++j) acc += row[j] * dz[j];
     dh[k] = acc;
   }

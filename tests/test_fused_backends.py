@@ -105,10 +105,11 @@ def test_net_forward_matches_reference(seed, fused):
 
 
 # ------------------------------------------------------------------------------------------ backward
-# The backward is float32 arithmetic of the same depth as the forward, plus weight gradients that are sums
-# over all coordinates (per block, then per program or chunk, then over those): the error stays near
-# sqrt(terms) * 2**-24 of the largest gradient, so 1e-5 of each tensor's largest value (max-norm relative)
-# leaves a wide margin and still catches any wrong term (those are O(1) relative).
+# Tolerance: 1e-5 of each gradient's largest value (float32 arithmetic of the forward's depth), plus twice
+# what PyTorch's own float32 autograd through the reference misses the float64 one by (STYLE.md's rule).
+# The second term matters for the weight gradients, sums over every coordinate of terms of both signs: a
+# bias gradient of size 1 made of a thousand terms of size 1 loses ~1e-5 to cancellation in any float32
+# summation order, and PyTorch's error measures how much. A wrong term is O(1) relative and fails either way.
 REL_TOL = 1e-5
 
 
@@ -143,11 +144,14 @@ def test_unrolled_meta_gradient_matches_float64_reference(seed, fused, preproces
     problem = _problem(net, [1000, 7, 65], torch.Generator().manual_seed(seed))
     got = _unroll_grads(net, name, *problem, device)
     want = _unroll_grads(net, "reference", *problem, "cpu", torch.float64)
+    torch32 = _unroll_grads(net, "reference", *problem, "cpu", torch.float32)
     names = [f"{kind}{i}" for i in range(3) for kind in ("theta", "h", "c")] + [n for n, _ in net.named_parameters()]
-    for what, a, b in zip(names, got, want):
+    for what, a, b, t in zip(names, got, want, torch32):
         scale = b.abs().max().item()
         err = (a.cpu().double() - b).abs().max().item()
-        assert err <= REL_TOL * scale, f"{what}: max error {err:.3g}, {err / scale:.3g} of its largest value"
+        err_torch = (t.double() - b).abs().max().item()
+        assert err <= 2 * err_torch + REL_TOL * scale, (
+            f"{what}: max error {err:.3g} ({err / scale:.3g} of its largest value), PyTorch float32 {err_torch:.3g}")
 
 
 def test_repeated_backward_gives_bit_identical_weight_gradients(seed, fused):
