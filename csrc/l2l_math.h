@@ -25,9 +25,13 @@
 #define L2L_SUM_OVER_UNITS L2L_UNROLL
 #else
 #define L2L_UNROLL  // host compilers vectorise these loops over units at -O3 on their own
+#if defined(_OPENMP)
 // A sum over units may be vectorised (reassociated) on the host: -O3 alone keeps it scalar. The order stays
 // fixed for a given build, so results stay deterministic.
 #define L2L_SUM_OVER_UNITS _Pragma("omp simd reduction(+ : acc)")
+#else
+#define L2L_SUM_OVER_UNITS
+#endif
 #endif
 
 namespace l2l {
