@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..net import LSTMOptimizerNet
 from ..optim import L2LOptimizer
 from .baselines import BASELINES, baseline_losses, optimizer_losses, tune
+from .nets import Nets, l2l_param_groups
 from .tasks import Task
 from .unroll import learned_losses
 
@@ -34,7 +34,7 @@ class Run:
 
 
 def evaluate(
-    net: LSTMOptimizerNet,
+    net: Nets,
     task: Task,
     steps: int,
     test_functions: int,
@@ -48,7 +48,8 @@ def evaluate(
     and every baseline (tuned on separate functions) on the same test functions."""
     test = task.sample(test_functions, torch.Generator().manual_seed(test_seed)).to(device)
     net = net.to(device)
-    bf16 = optimizer_losses(lambda ps: L2LOptimizer(ps, net=net, backend=backend, state_dtype=torch.bfloat16), test, steps)
+    bf16 = optimizer_losses(lambda ps: L2LOptimizer(l2l_param_groups(net, ps, test.groups), backend=backend,
+                                                    state_dtype=torch.bfloat16), test, steps)
     runs = [Run(LEARNED, None, learned_losses(net, test, steps, backend).cpu()), Run(LEARNED_BF16, None, bf16.cpu())]
     for name in BASELINES:
         lr, _ = tune(name, task, steps, tune_functions, tune_seed, device=device)
@@ -71,10 +72,14 @@ def table(runs: list[Run], steps: int) -> str:
     return "\n".join(lines)
 
 
-def write_json(runs: list[Run], path: str, **metadata) -> None:
+def write_json(variants: dict[str, dict], path: str, **metadata) -> None:
+    """``variants``: name → ``{"runs": [Run], ...}``; every other entry is written as it is."""
     payload = dict(metadata)
-    payload["optimizers"] = {
-        run.name: {**run.summary(), "mean_loss_per_step": run.losses.mean(1).tolist()} for run in runs
+    payload["variants"] = {
+        name: {**{k: v for k, v in entry.items() if k != "runs"},
+               "optimizers": {run.name: {**run.summary(), "mean_loss_per_step": run.losses.mean(1).tolist()}
+                              for run in entry["runs"]}}
+        for name, entry in variants.items()
     }
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)

@@ -11,19 +11,28 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from ..net import LSTMOptimizerNet
 
 
 class Problem:
     """B sampled functions: their initial parameters and their losses. Subclasses are dataclasses whose
-    tensor fields describe the functions."""
+    tensor fields (tensors, or lists of them) describe the functions."""
 
     params: list[Tensor]  # initial values, each [B, ...], not requiring grad
+    # Parameter groups that get their own optimizer net, as {name: indices into params}; None = one net.
+    groups: dict[str, list[int]] | None = None
 
     def to(self, device) -> "Problem":
         """The same functions with every tensor field on ``device``."""
-        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
-                 if isinstance(getattr(self, f.name), Tensor)}
+        moved = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                moved[f.name] = value.to(device)
+            elif isinstance(value, list) and value and all(isinstance(v, Tensor) for v in value):
+                moved[f.name] = [v.to(device) for v in value]
         return dataclasses.replace(self, **moved)
 
     def loss(self, params: list[Tensor], step: int) -> Tensor:
@@ -33,11 +42,20 @@ class Problem:
 
 
 class Task:
-    """A distribution over functions, with the optimizer settings the paper used for it."""
+    """A distribution over functions, with the optimizer settings the paper used for it.
+
+    ``variants`` names the related tasks the paper tested transfer on: constructor options, and the number
+    of steps to run them for (None = the trained K). ``train_defaults`` and ``eval_defaults`` override the
+    generic ``TrainConfig`` and evaluation sizes where a task needs others to finish on a laptop.
+    """
 
     name: str
     preprocess_p: float | None
     output_scale: float
+    groups: tuple[str, ...] | None = None  # names of the parameter groups with their own net; None = one net
+    variants: dict[str, tuple[dict, int | None]] = {"base": ({}, None)}
+    train_defaults: dict = {}
+    eval_defaults: dict = {}
 
     def sample(self, n_functions: int, generator: torch.Generator) -> Problem:
         """B functions drawn with ``generator`` (a CPU generator: a seed gives the same functions on any
@@ -46,6 +64,13 @@ class Task:
 
     def net_options(self) -> dict:
         return {"preprocess_p": self.preprocess_p, "output_scale": self.output_scale}
+
+    def make_net(self) -> nn.Module:
+        """A freshly initialised optimizer for this task: one ``LSTMOptimizerNet``, or an ``nn.ModuleDict`` of
+        them keyed by ``groups``."""
+        if self.groups is None:
+            return LSTMOptimizerNet(**self.net_options())
+        return nn.ModuleDict({name: LSTMOptimizerNet(**self.net_options()) for name in self.groups})
 
 
 @dataclass
@@ -86,5 +111,3 @@ class QuadraticTask(Task):
         theta0 = self.init_std * torch.randn(n_functions, d, generator=generator)
         return QuadraticProblem(w=w, y=y, theta0=theta0)
 
-
-TASKS = {"quadratic": QuadraticTask}

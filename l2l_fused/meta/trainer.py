@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from ..net import LSTMOptimizerNet
+from .nets import Nets, net_config, net_from_config
 from .tasks import Task
 from .unroll import Trajectory, learned_losses
 
@@ -51,7 +51,8 @@ class TrainState:
 
 
 class MetaTrainer:
-    """Meta-trains ``net`` on ``task``; keeps the φ with the best validation loss.
+    """Meta-trains ``net`` (``task.make_net()``: one net, or one per parameter group) on ``task``; keeps
+    the φ with the best validation loss.
 
     Functions are drawn from a generator seeded by ``config.seed``; the validation functions are drawn
     once from seed + 1. A checkpoint at an epoch boundary holds everything that decides the rest of the
@@ -59,7 +60,7 @@ class MetaTrainer:
     one on the same machine and backend.
     """
 
-    def __init__(self, net: LSTMOptimizerNet, task: Task, config: TrainConfig, backend: str = "auto",
+    def __init__(self, net: Nets, task: Task, config: TrainConfig, backend: str = "auto",
                  device="cpu") -> None:
         self.device = torch.device(device)
         self.net, self.task, self.config, self.backend = net.to(self.device), task, config, backend
@@ -110,7 +111,7 @@ class MetaTrainer:
         bar.close()
         return self.state
 
-    def best_net(self) -> LSTMOptimizerNet:
+    def best_net(self) -> Nets:
         best = copy.deepcopy(self.net)
         best.load_state_dict(self.best_state)
         return best.cpu()
@@ -118,13 +119,14 @@ class MetaTrainer:
     def save(self, path: str) -> None:
         """Checkpoint, written atomically (a crash mid-write leaves the previous one intact)."""
         payload = {
-            "net_config": self.net.config(),
+            "net_config": net_config(self.net),
             "net": self.net.state_dict(),
             "best_net": self.best_state,
             "meta_optimizer": self.meta_optimizer.state_dict(),
             "generator": self.generator.get_state(),
             "train_config": asdict(self.config),
             "task": self.task.name,
+            "data": getattr(getattr(self.task, "dataset", None), "name", None),
             "state": asdict(self.state),
         }
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -135,8 +137,8 @@ class MetaTrainer:
     def load(self, path: str) -> None:
         """Resume from :meth:`save`'s checkpoint; the net's config and the task must match."""
         payload = torch.load(path, map_location="cpu", weights_only=True)
-        if payload["net_config"] != self.net.config():
-            raise ValueError(f"checkpoint {path} is for a net {payload['net_config']}, not {self.net.config()}")
+        if payload["net_config"] != net_config(self.net):
+            raise ValueError(f"checkpoint {path} is for a net {payload['net_config']}, not {net_config(self.net)}")
         if payload["task"] != self.task.name:
             raise ValueError(f"checkpoint {path} is for task {payload['task']!r}, not {self.task.name!r}")
         self.net.load_state_dict(payload["net"])
@@ -152,9 +154,9 @@ def _ticking(bar, n: int):
         bar.update(1)
 
 
-def load_best_net(path: str) -> LSTMOptimizerNet:
-    """The best φ of a trainer checkpoint as a ready ``LSTMOptimizerNet``."""
+def load_best_net(path: str) -> Nets:
+    """The best φ of a trainer checkpoint, ready: an ``LSTMOptimizerNet`` or a ``ModuleDict`` of them."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    net = LSTMOptimizerNet(**payload["net_config"])
+    net = net_from_config(payload["net_config"])
     net.load_state_dict(payload["best_net"])
     return net

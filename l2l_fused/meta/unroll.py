@@ -5,34 +5,43 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..net import LSTMOptimizerNet, State
+from ..net import State
+from .nets import Nets, net_parts
 from .tasks import Problem
 
 
-def _unflatten(theta: Tensor, like: list[Tensor]) -> list[Tensor]:
-    return [t.view_as(p) for t, p in zip(theta.split([p.numel() for p in like]), like)]
-
-
 class Trajectory:
-    """One batch of functions being optimized by a net: flat θ, its (detached) gradient, the LSTM state.
+    """One batch of functions being optimized: per parameter group (one group unless the net is a
+    ``ModuleDict``), its flat θ, its detached gradient and its net's LSTM state.
 
     The gradient ∇f(θ_t) is taken from the same evaluation of f that enters the meta-loss, and it is
     detached: no second derivatives (the paper's assumption).
     """
 
-    def __init__(self, net: LSTMOptimizerNet, problem: Problem, backend: str = "auto") -> None:
-        self.net, self.problem, self.backend = net, problem, backend
+    def __init__(self, net: Nets, problem: Problem, backend: str = "auto") -> None:
+        self.problem, self.backend = problem, backend
+        self.parts = net_parts(net, len(problem.params), problem.groups)
         self.step = 0
-        self.theta = torch.cat([p.reshape(-1) for p in problem.params]).detach()
-        self.state: State = net.init_state(self.theta.numel(), device=self.theta.device)
+        self.thetas = [torch.cat([problem.params[i].reshape(-1) for i in indices]).detach()
+                       for _, indices in self.parts]
+        self.states: list[State] = [member.init_state(theta.numel(), device=theta.device)
+                                    for (member, _), theta in zip(self.parts, self.thetas)]
         with torch.enable_grad():
-            self.initial_loss, self.grad = self._loss_and_grad(self.theta.requires_grad_())
-        self.theta = self.theta.detach()
+            self.initial_loss, self.grads = self._loss_and_grads([t.requires_grad_() for t in self.thetas])
+        self.thetas = [t.detach() for t in self.thetas]
 
-    def _loss_and_grad(self, theta: Tensor) -> tuple[Tensor, Tensor]:
-        loss = self.problem.loss(_unflatten(theta, self.problem.params), self.step)
-        (grad,) = torch.autograd.grad(loss.sum(), theta, retain_graph=True)
-        return loss, grad.detach()
+    def _params(self, thetas: list[Tensor]) -> list[Tensor]:
+        params: list[Tensor] = [None] * len(self.problem.params)
+        for (_, indices), theta in zip(self.parts, thetas):
+            like = [self.problem.params[i] for i in indices]
+            for i, flat, p in zip(indices, theta.split([p.numel() for p in like]), like):
+                params[i] = flat.view_as(p)
+        return params
+
+    def _loss_and_grads(self, thetas: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        loss = self.problem.loss(self._params(thetas), self.step)
+        grads = torch.autograd.grad(loss.sum(), thetas, retain_graph=True)
+        return loss, [g.detach() for g in grads]
 
     def advance(self, steps: int) -> Tensor:
         """Take ``steps`` optimizer steps; return the losses ``[steps, B]`` after each step.
@@ -42,24 +51,27 @@ class Trajectory:
         """
         losses = []
         for _ in range(steps):
-            theta, self.state = self.net(self.theta, self.grad, self.state, backend=self.backend)
+            thetas = []
+            for k, (member, _) in enumerate(self.parts):
+                theta, self.states[k] = member(self.thetas[k], self.grads[k], self.states[k], backend=self.backend)
+                thetas.append(theta)
             self.step += 1
             with torch.enable_grad():
-                if not theta.requires_grad:  # evaluation: no graph to φ, but f's gradient is needed
-                    theta = theta.requires_grad_()
-                loss, self.grad = self._loss_and_grad(theta)
-            self.theta = theta if torch.is_grad_enabled() else theta.detach()
+                # In evaluation there is no graph to φ, but f's gradient is still needed.
+                thetas = [t if t.requires_grad else t.requires_grad_() for t in thetas]
+                loss, self.grads = self._loss_and_grads(thetas)
+            self.thetas = thetas if torch.is_grad_enabled() else [t.detach() for t in thetas]
             losses.append(loss if torch.is_grad_enabled() else loss.detach())
         return torch.stack(losses)
 
     def detach(self) -> None:
         """End a truncation: later losses no longer backpropagate into earlier steps."""
-        self.theta = self.theta.detach()
-        self.state = (self.state[0].detach(), self.state[1].detach())
+        self.thetas = [t.detach() for t in self.thetas]
+        self.states = [(h.detach(), c.detach()) for h, c in self.states]
 
 
 @torch.no_grad()
-def learned_losses(net: LSTMOptimizerNet, problem: Problem, steps: int, backend: str = "auto") -> Tensor:
+def learned_losses(net: Nets, problem: Problem, steps: int, backend: str = "auto") -> Tensor:
     """Losses ``[steps + 1, B]`` (step 0 = initial) of the learned optimizer, no graph kept."""
     trajectory = Trajectory(net, problem, backend)
     return torch.cat([trajectory.initial_loss.detach()[None], trajectory.advance(steps)])

@@ -1,0 +1,172 @@
+"""The neural-network tasks and the per-group optimizer nets (paper §3.2-3.3)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from l2l_fused import L2LOptimizer, LSTMOptimizerNet
+from l2l_fused.meta import (ConvTask, MetaTrainer, MLPTask, TrainConfig, Trajectory, l2l_param_groups,
+                            learned_losses, optimizer_losses)
+from l2l_fused.meta.nets import net_parts
+
+from test_data import write_mnist
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture
+def mnist_dir(tmp_path, seed):
+    write_mnist(tmp_path, n=300, size=8, seed=seed)
+    return str(tmp_path)
+
+
+def _double(problem):
+    problem.images = problem.images.double()
+    problem.init = [p.double() for p in problem.init]
+    return problem
+
+
+def _bn(x, dims):
+    return (x - x.mean(dims, keepdim=True)) / torch.sqrt(x.var(dims, keepdim=True, unbiased=False) + 1e-5)
+
+
+def _mlp_loss_alone(params, x, y, activation):
+    """One function at a time with F.linear: what the batched MLP must equal."""
+    h = x.flatten(1)
+    layers = len(params) // 2
+    for k in range(layers):
+        h = F.linear(h, params[2 * k].T, params[2 * k + 1])
+        if k < layers - 1:
+            h = activation(h)
+    return F.cross_entropy(h, y)
+
+
+def _conv_loss_alone(params, x, y, n_conv):
+    h = x
+    for k in range(n_conv):
+        h = F.conv2d(h, params[2 * k], params[2 * k + 1], padding=1)
+        h = F.max_pool2d(torch.relu(_bn(h, (0, 2, 3))), 2)
+    w1, b1, w2, b2 = params[2 * n_conv:]
+    h = torch.relu(_bn(h.flatten(1) @ w1 + b1, (0,)))
+    return F.cross_entropy(h @ w2 + b2, y)
+
+
+@pytest.mark.parametrize("options", [{}, {"hidden": (7, 5)}, {"activation": "relu"}])
+def test_batched_mlp_equals_each_function_alone(mnist_dir, seed, options):
+    task = MLPTask(data="mnist", data_dir=mnist_dir, batch_size=17, init_std=0.5, **options)
+    problem = _double(task.sample(3, torch.Generator().manual_seed(seed)))
+    params = [p + 0.1 * torch.randn_like(p) for p in problem.params]
+    got = problem.loss(params, step=4)
+    index = problem.minibatch(4)
+    activation = torch.relu if options.get("activation") == "relu" else torch.sigmoid
+    for b in range(3):
+        x, y = problem.images[index[b]], problem.labels[index[b]]
+        want = _mlp_loss_alone([p[b] for p in params], x, y, activation)
+        torch.testing.assert_close(got[b], want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("channels", [(4,), (3, 5)])
+def test_batched_conv_net_equals_each_function_alone(mnist_dir, seed, channels):
+    task = ConvTask(data="mnist", data_dir=mnist_dir, batch_size=9, init_std=0.3, channels=channels, fc_hidden=6)
+    problem = _double(task.sample(3, torch.Generator().manual_seed(seed)))
+    got = problem.loss(problem.params, step=2)
+    index = problem.minibatch(2)
+    for b in range(3):
+        want = _conv_loss_alone([p[b] for p in problem.params], problem.images[index[b]], problem.labels[index[b]],
+                                len(channels))
+        torch.testing.assert_close(got[b], want, rtol=1e-12, atol=1e-12)
+
+
+def test_minibatches_depend_on_step_and_function_only(mnist_dir, seed):
+    task = MLPTask(data="mnist", data_dir=mnist_dir)
+    problem = task.sample(4, torch.Generator().manual_seed(seed))
+    again = task.sample(4, torch.Generator().manual_seed(seed))
+    assert torch.equal(problem.minibatch(3), again.minibatch(3))
+    assert not torch.equal(problem.minibatch(3), problem.minibatch(4))
+    assert problem.minibatch(0).shape == (4, 128) and int(problem.minibatch(0).max()) < 300
+    other = task.sample(4, torch.Generator().manual_seed(seed + 1))
+    assert not torch.equal(problem.minibatch(3), other.minibatch(3))
+
+
+def test_paper_settings_and_variants():
+    pytest.importorskip("sklearn")
+    task = MLPTask()
+    assert task.parameter_count() == 64 * 20 + 20 + 20 * 10 + 10
+    assert task.net_options() == {"preprocess_p": 10.0, "output_scale": 0.1} and task.batch_size == 128
+    assert set(MLPTask.variants) == {"base", "hidden40", "layers2", "relu", "steps200"}
+    assert MLPTask(**MLPTask.variants["layers2"][0]).model.sizes == (64, 20, 20, 10)
+    conv = ConvTask()
+    nets = conv.make_net()
+    assert isinstance(nets, nn.ModuleDict) and set(nets) == {"conv", "fc"}
+    problem = conv.sample(2, torch.Generator().manual_seed(0))
+    assert problem.groups == {"conv": [0, 1, 2, 3], "fc": [4, 5, 6, 7]}
+    with pytest.raises(ValueError, match="activation must be one of"):
+        MLPTask(activation="tanh")
+
+
+def _group_problem(mnist_dir, seed):
+    task = ConvTask(data="mnist", data_dir=mnist_dir, batch_size=8, channels=(3,), fc_hidden=4)
+    torch.manual_seed(seed)
+    nets = task.make_net()
+    return task, nets, task.sample(3, torch.Generator().manual_seed(seed))
+
+
+def test_per_group_nets_keep_separate_states(mnist_dir, seed):
+    """Each group is optimized by its own net with its own state: the conv group's trajectory is the one its
+    net produces alone (given the same gradients), and swapping the nets changes both groups."""
+    task, nets, problem = _group_problem(mnist_dir, seed)
+    params = [p.clone().requires_grad_() for p in problem.params]
+    opt = L2LOptimizer(l2l_param_groups(nets, params, problem.groups), backend="reference")
+    alone = [p.detach().clone().requires_grad_() for p in params[:2]]
+    conv_only = L2LOptimizer(alone, net=nets["conv"], backend="reference")
+    for step in range(3):
+        opt.zero_grad()
+        problem.loss(params, step).sum().backward()
+        for a, p in zip(alone, params[:2]):
+            a.grad = p.grad.clone()
+        opt.step()
+        conv_only.step()
+    for a, p in zip(alone, params[:2]):
+        torch.testing.assert_close(a, p, rtol=0, atol=0)
+        torch.testing.assert_close(conv_only.state[a]["h"], opt.state[p]["h"], rtol=0, atol=0)
+    assert opt.state[params[0]]["h"].shape[1:] == (params[0].numel(), nets["conv"].hidden_size)
+
+    swapped = nn.ModuleDict({"conv": nets["fc"], "fc": nets["conv"]})
+    straight = learned_losses(nets, problem, 3, backend="reference")
+    crossed = learned_losses(swapped, problem, 3, backend="reference")
+    assert not torch.allclose(straight[-1], crossed[-1])
+
+
+def test_trajectory_with_groups_equals_the_optimizer_path(mnist_dir, seed):
+    task, nets, problem = _group_problem(mnist_dir, seed)
+    unrolled = learned_losses(nets, problem, 4, backend="reference")
+    stepped = optimizer_losses(lambda ps: L2LOptimizer(l2l_param_groups(nets, ps, problem.groups), backend="reference"),
+                               problem, 4)
+    torch.testing.assert_close(stepped, unrolled, rtol=1e-6, atol=1e-6)
+
+
+def test_meta_training_updates_each_groups_net(mnist_dir, seed):
+    task, nets, _ = _group_problem(mnist_dir, seed)
+    before = {k: [p.clone() for p in v.parameters()] for k, v in nets.items()}
+    trainer = MetaTrainer(nets, task, TrainConfig(epochs=1, iterations_per_epoch=1, batch_size=2, steps=4,
+                                                  truncation=2, val_functions=2, seed=seed), backend="reference")
+    trajectory = Trajectory(trainer.net, task.sample(2, torch.Generator().manual_seed(seed)), "reference")
+    trajectory.advance(2).sum().backward()
+    for name, member in nets.items():
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in member.parameters()), name
+    trainer.train(progress=False)
+    for name, member in nets.items():
+        assert any(not torch.equal(a, b) for a, b in zip(before[name], member.parameters())), name
+
+
+def test_a_dict_of_nets_must_name_the_problems_groups(mnist_dir, seed):
+    task, nets, problem = _group_problem(mnist_dir, seed)
+    with pytest.raises(ValueError, match=r"one LSTMOptimizerNet per group \['conv', 'fc'\], but the problem's parameter groups are None"):
+        net_parts(nets, 2, None)
+    with pytest.raises(ValueError, match=r"parameter groups are \['a', 'fc'\]"):
+        net_parts(nets, 4, {"a": [0], "fc": [1]})
+    with pytest.raises(TypeError, match="net must be an LSTMOptimizerNet or an nn.ModuleDict"):
+        net_parts(nn.ModuleDict({"conv": nn.Linear(1, 1)}), 1, {"conv": [0]})
+    single = LSTMOptimizerNet()  # one net may still optimize every group
+    assert net_parts(single, 8, problem.groups) == [(single, list(range(8)))]
