@@ -68,12 +68,14 @@ setup(
     version="0.1.0",
     description="Fused kernels for the learned LSTM optimizer of Andrychowicz et al. (2016)",
     packages=find_packages(include=["l2l_fused", "l2l_fused.*"]),
+    package_data={"l2l_fused": ["weights/*.pt"]},  # the pretrained optimizers, a few KB each
     ext_modules=[Extension("l2l_fused._C", sources=[])],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",
     # A range, never a bare name: an installed torch (2.13 here, 2.11 on the GPU machines) satisfies it.
     # triton: the fused kernels (on the CPU, its interpreter runs them for the tests); Linux wheels only.
-    install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib", "triton; platform_system == 'Linux'"],
+    # scikit-learn: the handwritten digits the MLP and conv tasks train on by default.
+    install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib", "scikit-learn", "triton; platform_system == 'Linux'"],
     extras_require={"test": ["pytest", "hypothesis"]},
     entry_points={"console_scripts": ["l2l-fused=l2l_fused.cli:main"]},
 )

@@ -4,6 +4,7 @@ from . import native, reference_backend, triton_backend  # noqa: F401  (register
 from .backends import available as available_backends
 from .net import LSTMOptimizerNet
 from .optim import L2LOptimizer
+from .pretrained_nets import param_groups_by_layer, pretrained, pretrained_info
 from .reference import l2l_step_ref, l2l_update_ref, preprocess
 
 __all__ = [
@@ -13,4 +14,7 @@ __all__ = [
     "l2l_step_ref",
     "l2l_update_ref",
     "preprocess",
+    "pretrained",
+    "pretrained_info",
+    "param_groups_by_layer",
 ]

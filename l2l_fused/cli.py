@@ -1,8 +1,10 @@
-"""Command line: ``python -m l2l_fused {run,train,evaluate}``.
+"""Command line: ``python -m l2l_fused {run,train,evaluate,export}``.
 
 ``run`` is the main job: meta-train on a task, then compare with the tuned baselines on held-out
 functions. Seeds: training functions from ``seed``, validation ``seed + 1``, baseline tuning ``seed + 2``,
-test ``seed + 3``; the net's initial weights from ``seed``.
+test ``seed + 3``; the net's initial weights from ``seed``. ``evaluate`` also runs the task's transfer
+variants (``--variant``), each against baselines tuned on that variant. ``export`` writes a checkpoint's
+best net as a small file for :func:`l2l_fused.pretrained`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from dataclasses import asdict, fields
@@ -19,7 +22,9 @@ import torch
 
 from .meta import TASKS, MetaTrainer, TrainConfig, load_best_net
 from .meta.evaluate import evaluate, plot, table, write_json
-from .net import LSTMOptimizerNet
+from .pretrained_nets import export, pretrained
+
+EVAL_DEFAULTS = {"test_functions": 512, "tune_functions": 512}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,35 +33,59 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_text in (
         ("run", "meta-train, then evaluate against tuned baselines (the main job)"),
         ("train", "meta-train only"),
-        ("evaluate", "evaluate a checkpoint's best net against tuned baselines"),
+        ("evaluate", "evaluate a checkpoint's best net (or a shipped one) against tuned baselines"),
+        ("export", "write a checkpoint's best net as a pretrained-net file"),
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--task", choices=sorted(TASKS), default="quadratic")
         p.add_argument("--out", default=None, help="output directory (default runs/<task>)")
+        if name == "export":
+            p.add_argument("--to", default=None, help="the file to write (default l2l_fused/weights/<task>.pt)")
+            continue
+        p.add_argument("--data", default=None, help="mlp, conv: digits (embedded, default), mnist or cifar10")
+        p.add_argument("--data-dir", default=None, help="directory holding the mnist or cifar10 files")
         p.add_argument("--backend", default="auto")
         p.add_argument("--device", default="cpu", help="where the functions and the optimizer run (cpu, cuda)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
-        p.add_argument("--test-functions", type=int, default=512)
-        p.add_argument("--tune-functions", type=int, default=512)
+        p.add_argument("--test-functions", type=int, default=None, help="(default: per task, 512 or 256)")
+        p.add_argument("--tune-functions", type=int, default=None, help="(default: per task, 512 or 128)")
+        if name != "train":
+            p.add_argument("--variant", action="append", default=None,
+                           help="transfer variant to evaluate, repeatable (default: all of the task's; see README)")
         if name == "evaluate":
-            p.add_argument("--checkpoint", default=None, help="default <out>/checkpoint.pt")
+            source = p.add_mutually_exclusive_group()
+            source.add_argument("--checkpoint", default=None, help="default <out>/checkpoint.pt")
+            source.add_argument("--pretrained", action="store_true", help="the net shipped for --task")
             p.add_argument("--seed", type=int, default=TrainConfig.seed)
-            p.add_argument("--steps", type=int, default=TrainConfig.steps)
+            p.add_argument("--steps", type=int, default=None, help="default: the task's K (100)")
         else:
             p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt if present")
             for f in fields(TrainConfig):
                 flag = "--" + f.name.replace("_", "-")
                 kind = float if f.name in ("lr", "grad_clip") else int
-                p.add_argument(flag, type=kind, default=f.default, help=f"(default {f.default})")
+                p.add_argument(flag, type=kind, default=None, help=f"(default {f.default}, unless the task sets one)")
     return parser
 
 
-def _train(args, out: str) -> str:
-    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    task = TASKS[args.task]()
+def _task(args, variant_options: dict | None = None):
+    cls = TASKS[args.task]
+    options = dict(variant_options or {})
+    if args.data is not None or args.data_dir is not None:
+        if cls is TASKS["quadratic"]:
+            raise SystemExit("--data and --data-dir are for the mlp and conv tasks")
+        options.update(data=args.data or "digits", data_dir=args.data_dir)
+    return cls(**options)
+
+
+def _train_config(args, task) -> TrainConfig:
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
+    return TrainConfig(**{**task.train_defaults, **given})
+
+
+def _train(args, out: str, task) -> str:
+    config = _train_config(args, task)
     torch.manual_seed(config.seed)
-    net = LSTMOptimizerNet(**task.net_options())
-    trainer = MetaTrainer(net, task, config, backend=args.backend, device=args.device)
+    trainer = MetaTrainer(task.make_net(), task, config, backend=args.backend, device=args.device)
     checkpoint = os.path.join(out, "checkpoint.pt")
     if args.resume and os.path.exists(checkpoint):
         trainer.load(checkpoint)
@@ -68,41 +97,72 @@ def _train(args, out: str) -> str:
     return checkpoint
 
 
-def _evaluate(args, out: str, checkpoint: str, seed: int, steps: int, extra: dict) -> None:
-    task = TASKS[args.task]()
-    net = load_best_net(checkpoint)
-    start = time.perf_counter()
-    runs = evaluate(net, task, steps, args.test_functions, seed + 3, args.tune_functions, seed + 2, args.backend,
-                    args.device)
-    elapsed = time.perf_counter() - start
-    text = table(runs, steps)
-    print(f"\n{task.name}: {args.test_functions} held-out functions, {steps} steps\n{text}")
+def _variants(args) -> list[str]:
+    variants = TASKS[args.task].variants
+    chosen = args.variant or list(variants)
+    unknown = sorted(set(chosen) - set(variants))
+    if unknown:
+        raise SystemExit(f"--variant: {args.task} has variants {list(variants)}, not {unknown}")
+    return chosen
+
+
+def _evaluate(args, out: str, net, source: str, seed: int, steps: int | None, extra: dict) -> None:
+    variants, chosen = TASKS[args.task].variants, _variants(args)
+    sizes = {k: getattr(args, k) if getattr(args, k) is not None else TASKS[args.task].eval_defaults.get(k, v)
+             for k, v in EVAL_DEFAULTS.items()}
+    report, results = [], {}
+    for variant in chosen:
+        options, variant_steps = variants[variant]
+        task = _task(args, options)
+        k = variant_steps or steps or TrainConfig.steps
+        start = time.perf_counter()
+        runs = evaluate(net, task, k, sizes["test_functions"], seed + 3, sizes["tune_functions"], seed + 2,
+                        args.backend, args.device)
+        elapsed = time.perf_counter() - start
+        text = table(runs, k)
+        heading = f"{task.name}, variant {variant}: {sizes['test_functions']} held-out functions, {k} steps"
+        print(f"\n{heading} ({elapsed:.0f} s)\n{text}")
+        report.append(f"### {heading}\n\n{text}\n")
+        results[variant] = {"steps": k, "options": {k_: list(v) if isinstance(v, tuple) else v for k_, v in options.items()},
+                            "evaluate_seconds": elapsed, "runs": runs}
+        plot(runs, os.path.join(out, "loss.png" if variant == "base" else f"loss-{variant}.png"),
+             f"{task.name} ({variant}): mean loss over {sizes['test_functions']} test functions")
     with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(text + "\n")
+        f.write("\n".join(report))
     write_json(
-        runs, os.path.join(out, "results.json"), task=task.name, steps=steps, test_functions=args.test_functions,
-        tune_functions=args.tune_functions, seed=seed, checkpoint=checkpoint, evaluate_seconds=elapsed,
-        backend=args.backend, device=args.device, torch=torch.__version__, machine=platform.machine(),
-        processor=platform.processor(),
-        cpu_count=os.cpu_count(), **extra,
+        results, os.path.join(out, "results.json"), task=args.task, data=args.data or "digits", **sizes, seed=seed,
+        net=source, backend=args.backend, device=args.device, torch=torch.__version__,
+        machine=platform.machine(), processor=platform.processor(), cpu_count=os.cpu_count(), **extra,
     )
-    plot(runs, os.path.join(out, "loss.png"), f"{task.name}: mean loss over {args.test_functions} test functions")
-    print(f"wrote {out}/table.md, results.json, loss.png")
+    print(f"wrote {out}/table.md, results.json, plots")
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     out = args.out or os.path.join("runs", args.task)
-    os.makedirs(out, exist_ok=True)
     start = time.perf_counter()
+    if args.command == "export":
+        checkpoint = os.path.join(out, "checkpoint.pt")
+        path = export(checkpoint, args.to or os.path.join(os.path.dirname(__file__), "weights", f"{args.task}.pt"))
+        print(f"wrote {path} from {checkpoint}")
+        return 0
+    if args.command != "train":
+        _variants(args)  # a bad --variant fails before minutes of training
+    os.makedirs(out, exist_ok=True)
     if args.command == "evaluate":
-        checkpoint = args.checkpoint or os.path.join(out, "checkpoint.pt")
-        _evaluate(args, out, checkpoint, args.seed, args.steps, {})
+        if args.pretrained:
+            net, source = pretrained(args.task), f"l2l_fused.pretrained({args.task!r})"
+        else:
+            source = args.checkpoint or os.path.join(out, "checkpoint.pt")
+            net = load_best_net(source)
+        _evaluate(args, out, net, source, args.seed, args.steps, {})
     else:
-        checkpoint = _train(args, out)
+        task = _task(args)
+        checkpoint = _train(args, out, task)
         if args.command == "run":
-            config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-            _evaluate(args, out, checkpoint, args.seed, args.steps, {"train_config": asdict(config)})
+            config = _train_config(args, task)
+            extra = {"train_config": asdict(config), "command": shlex.join(["python", "-m", "l2l_fused", *(argv or sys.argv[1:])])}
+            _evaluate(args, out, load_best_net(checkpoint), checkpoint, config.seed, config.steps, extra)
     print(f"total {time.perf_counter() - start:.1f} s")
     return 0
 

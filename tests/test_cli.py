@@ -1,5 +1,8 @@
 import json
 
+import pytest
+import torch
+
 from l2l_fused.cli import main
 from l2l_fused.meta.evaluate import LEARNED, LEARNED_BF16
 
@@ -11,7 +14,7 @@ def test_main_job_writes_table_json_plot_and_checkpoint(tmp_path, capsys):
             "--test-functions", "16", "--tune-functions", "16"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text())["variants"]["base"]
     assert set(results["optimizers"]) == {LEARNED, LEARNED_BF16, "SGD", "RMSprop", "Adam", "NAG"}
     for name, row in results["optimizers"].items():
         assert len(row["mean_loss_per_step"]) == 21
@@ -22,9 +25,40 @@ def test_main_job_writes_table_json_plot_and_checkpoint(tmp_path, capsys):
 
     # evaluate alone reproduces the learned optimizer's numbers from the checkpoint
     assert main(["evaluate", "--out", str(out), "--steps", "20", "--test-functions", "16", "--tune-functions", "16"]) == 0
-    again = json.loads((out / "results.json").read_text())
+    again = json.loads((out / "results.json").read_text())["variants"]["base"]
     assert again["optimizers"][LEARNED] == results["optimizers"][LEARNED]
 
     # resuming a finished run trains no more epochs
     assert main(argv + ["--resume"]) == 0
     assert "resumed" in capsys.readouterr().out
+
+
+def test_mlp_run_evaluates_transfer_variants_and_exports(tmp_path, capsys):
+    from test_data import write_mnist
+
+    write_mnist(tmp_path, n=200)
+    out = tmp_path / "mlp"
+    data = ["--task", "mlp", "--data", "mnist", "--data-dir", str(tmp_path), "--out", str(out), "--no-progress"]
+    argv = ["run", *data, "--epochs", "1", "--iterations-per-epoch", "1", "--batch-size", "2", "--steps", "4",
+            "--truncation", "2", "--val-functions", "2", "--test-functions", "3", "--tune-functions", "2",
+            "--variant", "relu", "--variant", "layers2"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["data"] == "mnist" and set(results["variants"]) == {"relu", "layers2"}
+    assert results["variants"]["relu"]["options"] == {"activation": "relu"}
+    assert results["variants"]["layers2"]["options"] == {"hidden": [20, 20]}
+    assert len(results["variants"]["relu"]["optimizers"][LEARNED]["mean_loss_per_step"]) == 5
+    assert (out / "loss-relu.png").exists() and (out / "loss-layers2.png").exists()
+    assert "variant relu" in capsys.readouterr().out
+
+    exported = tmp_path / "mlp.pt"
+    assert main(["export", "--task", "mlp", "--out", str(out), "--to", str(exported)]) == 0
+    recipe = torch.load(exported, weights_only=True)["recipe"]
+    assert recipe.startswith("python -m l2l_fused train --task mlp --data mnist --data-dir DATA_DIR --epochs 1 ")
+
+
+def test_evaluate_rejects_unknown_variants_and_data_for_quadratics(tmp_path):
+    with pytest.raises(SystemExit, match=r"--variant: mlp has variants \['base', 'hidden40', 'layers2', 'relu', 'steps200'\], not \['wide'\]"):
+        main(["evaluate", "--task", "mlp", "--pretrained", "--out", str(tmp_path), "--variant", "wide"])
+    with pytest.raises(SystemExit, match="--data and --data-dir are for the mlp and conv tasks"):
+        main(["train", "--task", "quadratic", "--data", "mnist", "--out", str(tmp_path)])

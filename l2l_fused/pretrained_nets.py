@@ -1,0 +1,68 @@
+"""Learned optimizers shipped with the package (``l2l_fused/weights/<task>.pt``), meta-trained by the
+recipes in the README, and the helper that splits a model's parameters the way the conv optimizer wants."""
+
+from __future__ import annotations
+
+import os
+import shlex
+
+import torch
+from torch import nn
+
+from .meta.nets import Nets, net_from_config
+from .meta.trainer import TrainConfig
+
+WEIGHTS = os.path.join(os.path.dirname(__file__), "weights")
+PRETRAINED = ("quadratic", "mlp", "conv")
+
+
+def _path(name: str) -> str:
+    if name not in PRETRAINED:
+        raise ValueError(f"name must be one of {list(PRETRAINED)}, got {name!r}")
+    return os.path.join(WEIGHTS, f"{name}.pt")
+
+
+def pretrained_info(name: str) -> dict:
+    """How the shipped net for task ``name`` was made: ``recipe`` (the command), ``train_config``,
+    ``best_val`` (validation meta-loss) and ``best_epoch``."""
+    payload = torch.load(_path(name), map_location="cpu", weights_only=True)
+    return {k: v for k, v in payload.items() if k not in ("net", "net_config")}
+
+
+def pretrained(name: str) -> Nets:
+    """The learned optimizer meta-trained on task ``name``: ``"quadratic"`` (raw gradients, output scale
+    1), ``"mlp"`` (p = 10, output scale 0.1), each an ``LSTMOptimizerNet``; or ``"conv"``, an
+    ``nn.ModuleDict`` with one net for convolution parameters (``"conv"``) and one for the rest (``"fc"``):
+    pass ``param_groups_by_layer(model, pretrained("conv"))`` to ``L2LOptimizer``."""
+    payload = torch.load(_path(name), map_location="cpu", weights_only=True)
+    net = net_from_config(payload["net_config"])
+    net.load_state_dict(payload["net"])
+    return net.requires_grad_(False)
+
+
+def param_groups_by_layer(model: nn.Module, nets: nn.ModuleDict) -> list[dict]:
+    """``L2LOptimizer`` param groups: parameters of convolution modules with ``nets["conv"]``, every other
+    parameter with ``nets["fc"]`` (the paper's split for its CIFAR net)."""
+    conv = {id(p) for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd) for p in m.parameters(recurse=False)}
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if id(p) in conv], "net": nets["conv"]},
+              {"params": [p for p in params if id(p) not in conv], "net": nets["fc"]}]
+    return [g for g in groups if g["params"]]
+
+
+def export(checkpoint: str, path: str) -> str:
+    """Write the best net of a trainer checkpoint, with the command that reproduces it, to ``path``."""
+    payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    config = payload["train_config"]
+    command = ["python", "-m", "l2l_fused", "train", "--task", payload["task"]]
+    data = payload.get("data")
+    if data and data != "digits":
+        command += ["--data", data.split("-")[0], "--data-dir", "DATA_DIR"]
+    for key in TrainConfig.__dataclass_fields__:
+        command += ["--" + key.replace("_", "-"), str(config[key])]
+    state = payload["state"]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save({"task": payload["task"], "net_config": payload["net_config"], "net": payload["best_net"],
+                "train_config": config, "recipe": shlex.join(command), "best_val": state["best_val"],
+                "best_epoch": state["best_epoch"]}, path)
+    return path
