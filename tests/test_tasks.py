@@ -170,3 +170,22 @@ def test_a_dict_of_nets_must_name_the_problems_groups(mnist_dir, seed):
         net_parts(nn.ModuleDict({"conv": nn.Linear(1, 1)}), 1, {"conv": [0]})
     single = LSTMOptimizerNet()  # one net may still optimize every group
     assert net_parts(single, 8, problem.groups) == [(single, list(range(8)))]
+
+
+def test_tasks_run_on_cifar_and_mnist_files(tmp_path, seed):
+    """The real loaders plug into the tasks: CIFAR-10's 3×32×32 images get three conv layers, 28×28 MNIST
+    images an MLP with 784 inputs."""
+    from test_data import write_cifar
+
+    write_cifar(tmp_path, per_batch=4, seed=seed)
+    conv = ConvTask(data="cifar10", data_dir=str(tmp_path))
+    assert conv.model.channels == (3, 16, 16, 16) and conv.dataset.images.shape == (20, 3, 32, 32)
+    problem = conv.sample(2, torch.Generator().manual_seed(seed))
+    assert problem.params[-2].shape == (2, 32, 10) and problem.params[4].shape == (2, 16, 16, 3, 3)
+    assert torch.isfinite(learned_losses(conv.make_net(), problem, 2)).all()
+
+    write_mnist(tmp_path, n=50, size=28, seed=seed)
+    mlp = MLPTask(data="mnist", data_dir=str(tmp_path))
+    assert mlp.model.sizes == (784, 20, 10)
+    problem = mlp.sample(2, torch.Generator().manual_seed(seed))
+    assert torch.isfinite(problem.loss(problem.params, 0)).all()
