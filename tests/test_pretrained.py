@@ -1,0 +1,93 @@
+"""The learned optimizers shipped in l2l_fused/weights: they load, and they train what they were trained for."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from l2l_fused import L2LOptimizer, LSTMOptimizerNet, param_groups_by_layer, pretrained, pretrained_info
+from l2l_fused.meta import TASKS, learned_losses
+from l2l_fused.pretrained_nets import PRETRAINED, WEIGHTS
+
+
+@pytest.mark.parametrize("name", PRETRAINED)
+def test_shipped_files_are_small_and_say_how_they_were_made(name):
+    assert os.path.getsize(os.path.join(WEIGHTS, f"{name}.pt")) < 300_000
+    info = pretrained_info(name)
+    assert info["recipe"].startswith(f"python -m l2l_fused train --task {name} ")
+    assert info["task"] == name and info["best_val"] > 0
+
+
+def test_pretrained_nets_have_their_tasks_settings():
+    quadratic, mlp, conv = (pretrained(n) for n in PRETRAINED)
+    assert isinstance(quadratic, LSTMOptimizerNet) and quadratic.config()["preprocess_p"] is None
+    assert isinstance(mlp, LSTMOptimizerNet) and mlp.config()["preprocess_p"] == 10.0
+    assert isinstance(conv, nn.ModuleDict) and set(conv) == {"conv", "fc"}
+    assert not any(p.requires_grad for p in mlp.parameters())
+    with pytest.raises(ValueError, match=r"name must be one of \['quadratic', 'mlp', 'conv'\], got 'cifar'"):
+        pretrained("cifar")
+
+
+@pytest.mark.parametrize("name, steps, ratio", [("quadratic", 100, 0.1), ("mlp", 50, 0.5), ("conv", 30, 0.5)])
+def test_pretrained_nets_reduce_their_tasks_loss(name, steps, ratio, seed):
+    """Mean loss after a short run falls below ``ratio`` of the initial loss, where a freshly initialised
+    net of the same shape does not get there (so the test measures the training, not the task)."""
+    if name != "quadratic":
+        pytest.importorskip("sklearn")
+    task = TASKS[name]()
+    problem = task.sample(16, torch.Generator().manual_seed(seed))
+    losses = learned_losses(pretrained(name), problem, steps)
+    torch.manual_seed(seed)
+    fresh = learned_losses(task.make_net(), problem, steps)
+    assert losses[-1].mean() < ratio * losses[0].mean(), losses.mean(1)
+    assert fresh[-1].mean() > ratio * fresh[0].mean(), fresh.mean(1)
+
+
+def _digits():
+    from l2l_fused.meta import load_digits
+
+    data = load_digits()
+    return data.images, data.labels
+
+
+def _train(model, optimizer, images, labels, steps, seed):
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        index = torch.randint(len(labels), (128,), generator=generator)
+        loss = F.cross_entropy(model(images[index]), labels[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_pretrained_mlp_trains_an_nn_module_through_l2loptimizer(seed):
+    """The drop-in path: a plain nn.Sequential, L2LOptimizer with the shipped net, a normal training loop."""
+    pytest.importorskip("sklearn")
+    images, labels = _digits()
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 20), nn.Sigmoid(), nn.Linear(20, 10))
+    losses = _train(model, L2LOptimizer(model.parameters(), net=pretrained("mlp")), images, labels, 100, seed)
+    assert sum(losses[-10:]) / 10 < 0.5 * losses[0], losses
+
+
+def test_pretrained_conv_nets_split_by_layer_type(seed):
+    pytest.importorskip("sklearn")
+    images, labels = _digits()
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8, affine=False), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    nets = pretrained("conv")
+    groups = param_groups_by_layer(model, nets)
+    assert [g["net"] for g in groups] == [nets["conv"], nets["fc"]]
+    assert [len(g["params"]) for g in groups] == [2, 2]
+    optimizer = L2LOptimizer(groups)
+    losses = _train(model, optimizer, images, labels, 60, seed)
+    assert sum(losses[-10:]) / 10 < 0.5 * losses[0], losses
+    dense = nn.Linear(2, 2)
+    only = param_groups_by_layer(dense, nets)  # no conv layers: one group, and no empty one
+    assert len(only) == 1 and only[0]["net"] is nets["fc"] and only[0]["params"] == list(dense.parameters())
