@@ -64,19 +64,20 @@ def implementations(case: Case, net, compile_reference: bool):
     """(name, bytes per coordinate, callable) of each implementation on this case."""
     h32, c32 = case.state(net, torch.float32)
     h16, c16 = case.state(net, torch.bfloat16)
+    skipped = torch.zeros((), dtype=torch.int64, device=case.device)
     impls = [("reference (eager)", BYTES_PER_COORDINATE["float32"],
-              lambda: reference_backend.group_step(net, case.params, case.grads, h32, c32))]
+              lambda: reference_backend.group_step(net, case.params, case.grads, h32, c32, skipped))]
     if compile_reference:
         compiled = torch.compile(reference_backend.group_step, dynamic=False)
         impls.append(("reference (torch.compile)", BYTES_PER_COORDINATE["float32"],
-                      lambda: compiled(net, case.params, case.grads, h32, c32)))
+                      lambda: compiled(net, case.params, case.grads, h32, c32, skipped)))
     for name in ("triton", "native"):
         if name in available_backends(case.device):
             group_step = backends.resolve(name, case.device).group_step
             impls += [
-                (name, BYTES_PER_COORDINATE["float32"], lambda g=group_step: g(net, case.params, case.grads, h32, c32)),
+                (name, BYTES_PER_COORDINATE["float32"], lambda g=group_step: g(net, case.params, case.grads, h32, c32, skipped)),
                 (f"{name}, bf16 state", BYTES_PER_COORDINATE["bfloat16"],
-                 lambda g=group_step: g(net, case.params, case.grads, h16, c16)),
+                 lambda g=group_step: g(net, case.params, case.grads, h16, c16, skipped)),
             ]
     adam_params = [torch.nn.Parameter(p.clone()) for p in case.params]
     for p, g in zip(adam_params, case.grads):

@@ -32,19 +32,24 @@ HOPPER_SHARED_PER_BLOCK = 227 * 1024  # an H100 block's opt-in maximum; a kernel
 
 def forward_signature(num_layers: int) -> dict:
     return {"table_ptr": "*i64", "block_tensor_ptr": "*i32", "cells": tuple(["*fp32"] * (4 * num_layers)),
-            "head_w_ptr": "*fp32", "head_b_ptr": "*fp32", "output_scale": "fp32", "inv_p": "fp32",
+            "head_w_ptr": "*fp32", "head_b_ptr": "*fp32", "skipped_ptr": "*i64", "output_scale": "fp32", "inv_p": "fp32",
             "threshold": "fp32", "exp_p": "fp32"}
 
 
 def forward_configs():
-    """(name, constexprs, num_warps): the default launch over the nets the tests and the paper use."""
-    for layers, hidden, features, state in [(2, 20, 2, tl.float32), (2, 20, 2, tl.bfloat16), (1, 20, 1, tl.float32),
-                                            (3, 64, 2, tl.float32), (1, 33, 2, tl.bfloat16), (2, 5, 2, tl.float32)]:
+    """(name, constexprs, num_warps): the default launch over the nets the tests and the paper use; the
+    optimizer's (skipping non-finite gradients), and meta-training's forward (skip=False) for the paper's net."""
+    for layers, hidden, features, state, skip in [
+        (2, 20, 2, tl.float32, True), (2, 20, 2, tl.bfloat16, True), (1, 20, 1, tl.float32, True),
+        (3, 64, 2, tl.float32, True), (1, 33, 2, tl.bfloat16, True), (2, 5, 2, tl.float32, True),
+        (2, 20, 2, tl.float32, False),
+    ]:
         constexprs = {"L": layers, "H": hidden, "HP": max(16, triton.next_power_of_2(hidden)), "IN": features,
                       "PREPROCESS": features == 2, "STATE_DTYPE": state,
                       "BLOCK_N": triton_step.forward_block(max(16, triton.next_power_of_2(hidden))),
-                      "DOT_PRECISION": triton_step.DOT_PRECISION}
-        yield f"forward L={layers} H={hidden} in={features} state={state}", constexprs, forward_signature(layers)
+                      "DOT_PRECISION": triton_step.DOT_PRECISION, "SKIP_NONFINITE": skip}
+        yield (f"forward L={layers} H={hidden} in={features} state={state} skip={skip}", constexprs,
+               forward_signature(layers))
 
 
 def backward_configs():

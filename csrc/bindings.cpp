@@ -54,20 +54,23 @@ void check_rows(const std::vector<Row>& rows, const at::Tensor& weights, const N
 
 namespace {
 
-void run_forward(const std::vector<Row>& rows, const at::Tensor& weights, const NetShape& s) {
+void run_forward(const std::vector<Row>& rows, const at::Tensor& weights, const NetShape& s, int64_t* skipped) {
   check_rows(rows, weights, s);
-  if (weights.device().is_cpu()) return forward_cpu(rows, weights, s);
+  if (weights.device().is_cpu()) return forward_cpu(rows, weights, s, skipped);
 #ifdef L2L_WITH_CUDA
-  return forward_cuda(rows, weights, s);
+  return forward_cuda(rows, weights, s, skipped);
 #else
   TORCH_CHECK(false, "l2l_fused._C was built without CUDA");
 #endif
 }
 
 void group_step(at::TensorList params, at::TensorList grads, at::TensorList h, at::TensorList c,
-                const at::Tensor& weights, int64_t layers, int64_t hidden, int64_t features,
-                std::optional<double> preprocess_p, double output_scale) {
+                const at::Tensor& weights, const at::Tensor& skipped, int64_t layers, int64_t hidden,
+                int64_t features, std::optional<double> preprocess_p, double output_scale) {
   const NetShape s = make_shape(layers, hidden, features, preprocess_p, output_scale);
+  TORCH_CHECK_VALUE(skipped.scalar_type() == at::kLong && skipped.numel() == 1 && skipped.is_contiguous() &&
+                        skipped.device() == weights.device(),
+                    "skipped must be one int64 on ", weights.device());
   TORCH_CHECK_VALUE(grads.size() == params.size() && h.size() == params.size() && c.size() == params.size(),
                     "params, grads, h and c must be lists of one length");
   if (params.empty()) return;
@@ -78,7 +81,7 @@ void group_step(at::TensorList params, at::TensorList grads, at::TensorList h, a
     if (!params[i].is_contiguous()) write_back.emplace_back(params[i], work);
     rows.push_back({work, work, grads[i].contiguous(), h[i], h[i], c[i], c[i]});
   }
-  run_forward(rows, weights, s);
+  run_forward(rows, weights, s, skipped.data_ptr<int64_t>());
   for (auto& [param, work] : write_back) param.copy_(work);
 }
 
@@ -88,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& theta, 
                                                        double output_scale) {
   const NetShape s = make_shape(layers, hidden, features, preprocess_p, output_scale);
   auto theta_out = at::empty_like(theta), h_out = at::empty_like(h), c_out = at::empty_like(c);
-  run_forward({{theta, theta_out, grad, h, h_out, c, c_out}}, weights, s);
+  run_forward({{theta, theta_out, grad, h, h_out, c, c_out}}, weights, s, nullptr);
   return {theta_out, h_out, c_out};
 }
 
@@ -120,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad, 
 
 TORCH_LIBRARY(l2l_fused, m) {
   m.def("native_group_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] h, Tensor(c!)[] c, Tensor weights, "
-        "int layers, int hidden, int features, float? preprocess_p, float output_scale) -> ()");
+        "Tensor(d!) skipped, int layers, int hidden, int features, float? preprocess_p, float output_scale) -> ()");
   m.def("native_forward(Tensor theta, Tensor grad, Tensor h, Tensor c, Tensor weights, int layers, int hidden, "
         "int features, float? preprocess_p, float output_scale) -> (Tensor, Tensor, Tensor)");
   m.def("native_backward(Tensor grad, Tensor h, Tensor c, Tensor dtheta, Tensor dh_next, Tensor dc_next, "

@@ -6,6 +6,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <cstring>
 #include <numeric>
 #include <vector>
@@ -31,8 +33,9 @@ void dispatch_hidden(const NetShape& s, Fn&& fn) {
   }
 }
 
+// Returns how many coordinates were skipped for a non-finite ∇ (only when skip_nonfinite).
 template <int H_CT, typename S, typename P>
-void forward_rows(const Row& row, int64_t begin, int64_t end, const float* w, const NetShape& s) {
+int64_t forward_rows(const Row& row, int64_t begin, int64_t end, const float* w, const NetShape& s, bool skip_nonfinite) {
   using acc_t = at::opmath_type<P>;  // float, or double for double parameters
   const P* theta_in = row[0].const_data_ptr<P>();
   P* theta_out = row[1].data_ptr<P>();
@@ -42,12 +45,18 @@ void forward_rows(const Row& row, int64_t begin, int64_t end, const float* w, co
   const S* c_in = reinterpret_cast<const S*>(row[5].const_data_ptr());
   S* c_out = reinterpret_cast<S*>(row[6].data_ptr());
   const int64_t stride = row[0].numel() * s.hidden;
+  int64_t skipped = 0;
   for (int64_t n = begin; n < end; ++n) {
+    const float g = static_cast<float>(grad[n]);
+    if (skip_nonfinite && !std::isfinite(g)) {
+      ++skipped;
+      continue;
+    }
     const int64_t at = n * s.hidden;
-    const float delta = coordinate_forward<H_CT, S>(s, w, static_cast<float>(grad[n]), h_in + at, c_in + at,
-                                                    h_out + at, c_out + at, stride);
+    const float delta = coordinate_forward<H_CT, S>(s, w, g, h_in + at, c_in + at, h_out + at, c_out + at, stride);
     theta_out[n] = static_cast<P>(static_cast<acc_t>(theta_in[n]) + static_cast<acc_t>(delta));
   }
+  return skipped;
 }
 
 struct ChunkSink {
@@ -101,26 +110,30 @@ void dispatch_state(const at::Tensor& state, Fn&& fn) {
 
 }  // namespace
 
-void forward_cpu(const std::vector<Row>& rows, const at::Tensor& weights, const NetShape& s) {
+void forward_cpu(const std::vector<Row>& rows, const at::Tensor& weights, const NetShape& s, int64_t* skipped) {
   // One parallel loop over the group's coordinates, in chunks that never straddle two tensors.
   std::vector<std::pair<int64_t, int64_t>> tasks;  // (row, first coordinate)
   for (int64_t r = 0; r < static_cast<int64_t>(rows.size()); ++r)
     for (int64_t n = 0; n < rows[r][0].numel(); n += kChunk) tasks.emplace_back(r, n);
   const float* w = weights.const_data_ptr<float>();
+  std::atomic<int64_t> total{0};
   dispatch_state(rows.front()[3], [&](auto state_tag) {
     using S = decltype(state_tag);
     dispatch_hidden(s, [&](auto hidden) {
       at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t first, int64_t last) {
+        int64_t mine = 0;
         for (int64_t t = first; t < last; ++t) {
           const Row& row = rows[tasks[t].first];
           const int64_t begin = tasks[t].second, end = std::min(begin + kChunk, row[0].numel());
           AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, row[0].scalar_type(), "l2l_forward_cpu", [&] {
-            forward_rows<decltype(hidden)::value, S, scalar_t>(row, begin, end, w, s);
+            mine += forward_rows<decltype(hidden)::value, S, scalar_t>(row, begin, end, w, s, skipped != nullptr);
           });
         }
+        total += mine;
       });
     });
   });
+  if (skipped != nullptr) *skipped += total.load();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at::Tensor& h,

@@ -19,7 +19,7 @@ int dtype_code(at::ScalarType t) {
 }
 }  // namespace
 
-void forward_cuda(const std::vector<Row>& rows, const at::Tensor& weights, const NetShape& s) {
+void forward_cuda(const std::vector<Row>& rows, const at::Tensor& weights, const NetShape& s, int64_t* skipped) {
   const c10::cuda::CUDAGuard guard(weights.device());
   // The table goes up from pinned memory without making the host wait for the GPU.
   auto host = at::empty({static_cast<int64_t>(rows.size()), kTableColumns},
@@ -36,7 +36,7 @@ void forward_cuda(const std::vector<Row>& rows, const at::Tensor& weights, const
   auto table = host.to(weights.device(), /*non_blocking=*/true);
   C10_CUDA_CHECK(launch_forward(table.const_data_ptr<int64_t>(), static_cast<int>(rows.size()), first,
                                 weights.const_data_ptr<float>(), s, rows.front()[3].scalar_type() == at::kBFloat16,
-                                c10::cuda::getCurrentCUDAStream()));
+                                skipped, c10::cuda::getCurrentCUDAStream()));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad, const at::Tensor& h,

@@ -57,7 +57,8 @@ __device__ __forceinline__ const float* stage_weights(const float* weights, int6
 
 template <int H_CT, typename S>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const int64_t* table, int rows, const float* weights,
-                                                           int64_t packed, bool weights_in_shared, NetShape s) {
+                                                           int64_t packed, bool weights_in_shared, NetShape s,
+                                                           unsigned long long* skipped) {
   extern __shared__ float shared[];
   const float* w = stage_weights(weights, packed, weights_in_shared, shared);
   int lo = 0, hi = rows - 1;  // the last row whose first block is <= this block (empty tensors have none)
@@ -70,9 +71,19 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const int64_t* table,
   const int64_t n = (static_cast<int64_t>(blockIdx.x) - row[9]) * kThreads + threadIdx.x;
   if (n >= numel) return;
   const int code = static_cast<int>(row[8]);
+  const float g = load_param(row[2], n, code);
+  if (skipped != nullptr) {
+    // A NaN or ±inf gradient leaves the coordinate's θ and state as they are; the warp counts its skipped
+    // coordinates with one atomic (an overflowing AMP step makes every coordinate skip).
+    const bool bad = !isfinite(g);
+    const unsigned active = __activemask();
+    const unsigned ballot = __ballot_sync(active, bad);
+    if (ballot != 0 && static_cast<int>(threadIdx.x % 32) == __ffs(active) - 1) atomicAdd(skipped, __popc(ballot));
+    if (bad) return;
+  }
   const int64_t at = n * s.hidden;
   const float delta = coordinate_forward<H_CT, S>(
-      s, w, load_param(row[2], n, code), reinterpret_cast<const S*>(row[3]) + at, reinterpret_cast<const S*>(row[5]) + at,
+      s, w, g, reinterpret_cast<const S*>(row[3]) + at, reinterpret_cast<const S*>(row[5]) + at,
       reinterpret_cast<S*>(row[4]) + at, reinterpret_cast<S*>(row[6]) + at, numel * s.hidden);
   store_theta(row[0], row[1], n, code, delta);
 }
@@ -170,7 +181,7 @@ cudaError_t allow_shared(Kernel kernel, size_t bytes) {
 bool weights_fit_shared(const NetShape& s) { return packed_size(s) * sizeof(float) <= kWeightsSharedBytes; }
 
 cudaError_t launch_forward(const int64_t* table, int rows, int64_t blocks, const float* weights, const NetShape& s,
-                           bool bf16_state, cudaStream_t stream) {
+                           bool bf16_state, int64_t* skipped, cudaStream_t stream) {
   if (blocks == 0) return cudaSuccess;
   const bool in_shared = weights_fit_shared(s);
   const size_t bytes = in_shared ? packed_size(s) * sizeof(float) : 0;
@@ -178,7 +189,8 @@ cudaError_t launch_forward(const int64_t* table, int rows, int64_t blocks, const
     auto kernel = forward_kernel<decltype(hidden)::value, decltype(state)>;
     cudaError_t err = allow_shared(kernel, bytes);
     if (err != cudaSuccess) return err;
-    kernel<<<static_cast<unsigned>(blocks), kThreads, bytes, stream>>>(table, rows, weights, packed_size(s), in_shared, s);
+    kernel<<<static_cast<unsigned>(blocks), kThreads, bytes, stream>>>(table, rows, weights, packed_size(s), in_shared, s,
+                                                                     reinterpret_cast<unsigned long long*>(skipped));
     return cudaGetLastError();
   });
 }

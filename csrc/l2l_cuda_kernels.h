@@ -17,8 +17,9 @@ constexpr size_t kWeightsSharedBytes = 96 * 1024;
 
 bool weights_fit_shared(const NetShape& s);
 int backward_blocks(int64_t n);
+// skipped: nullptr, or an int64 on the device that counts (and so skips) coordinates whose ∇ is NaN or ±inf.
 cudaError_t launch_forward(const int64_t* table, int rows, int64_t blocks, const float* weights, const NetShape& s,
-                           bool bf16_state, cudaStream_t stream);
+                           bool bf16_state, int64_t* skipped, cudaStream_t stream);
 // partial: [backward_blocks(n), packed_size(s)] zeros; its column sums are the packed weight gradients.
 cudaError_t launch_backward(const float* grad, const void* h, const void* c, const float* dtheta,
                             const float* dh_next, const float* dc_next, float* dh, float* dc, float* partial,

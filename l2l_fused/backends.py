@@ -5,8 +5,10 @@ A backend provides two entry points:
 * ``step(net, theta, grad, h, c, saved_state_dtype) -> (theta', h', c')`` on one flat tensor,
   differentiable with respect to φ, theta and the state: what ``LSTMOptimizerNet.forward`` and
   meta-training call.
-* ``group_step(net, params, grads, hs, cs)``: the optimizer's update of every tensor of a param group
-  together, in place and without autograd. ``hs[i]``/``cs[i]`` are ``[L, params[i].numel(), H]``.
+* ``group_step(net, params, grads, hs, cs, skipped)``: the optimizer's update of every tensor of a param
+  group together, in place and without autograd. ``hs[i]``/``cs[i]`` are ``[L, params[i].numel(), H]``.
+  A coordinate whose gradient is NaN or ±inf keeps its parameter and state and is added to ``skipped``,
+  a 0-dim int64 tensor on the parameters' device (no host synchronisation).
 
 ``"auto"`` picks the available backend of highest priority for the tensors' device and the net; a
 negative priority means "only when asked for by name" (the Triton interpreter on the CPU, for instance).

@@ -87,13 +87,13 @@ class _PackedCache:
 _PACKED: dict[int, _PackedCache] = {}
 
 
-def group_step(net, params, grads, hs, cs):
+def group_step(net, params, grads, hs, cs, skipped):
     if torch.compiler.is_compiling():  # traced: the packing joins the graph (a version check cannot)
         with torch.no_grad():
             packed = pack(net).to(params[0].device)
     else:
         packed = _PACKED.setdefault(id(net), _PackedCache()).get(net, params[0].device)
-    torch.ops.l2l_fused.native_group_step(params, grads, hs, cs, packed, *_shape(net))
+    torch.ops.l2l_fused.native_group_step(params, grads, hs, cs, packed, skipped, *_shape(net))
 
 
 def _sizes(h: Tensor, preprocess_p) -> tuple[int, int, int]:
@@ -124,7 +124,7 @@ def step(net, theta, grad, h, c, saved_state_dtype=None):
 if BUILD_ERROR is None:
 
     @torch.library.register_fake("l2l_fused::native_group_step")
-    def _(params, grads, h, c, weights, layers, hidden, features, preprocess_p, output_scale):
+    def _(params, grads, h, c, weights, skipped, layers, hidden, features, preprocess_p, output_scale):
         return None
 
     @torch.library.register_fake("l2l_fused::native_forward")

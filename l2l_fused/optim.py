@@ -40,6 +40,11 @@ class L2LOptimizer(Optimizer):
     ``state_dtype``, zero at the first step. Parameters of any floating dtype are supported; the network
     runs in float32 and ``θ + Δ`` is added in float32 (float64 for float64 parameters).
 
+    A coordinate whose gradient is NaN or ±inf is skipped: its parameter and state stay as they were (a
+    NaN would otherwise poison its state for good). :meth:`skipped_coordinates` counts them on the device.
+    With ``torch.amp.GradScaler``, ``scaler.step(opt)`` unscales the gradients and skips the whole step on
+    an overflow, as for any optimizer.
+
     Args:
         params: an iterable of parameters or of param-group dicts, as for any ``torch.optim`` optimizer.
         net: the ``LSTMOptimizerNet`` for groups that name none (groups may each bring their own, e.g.
@@ -63,6 +68,7 @@ class L2LOptimizer(Optimizer):
         backends.check_name(backend, net)
         _check_state_dtype(state_dtype, "state_dtype")
         super().__init__(params, {"net": net, "backend": backend, "state_dtype": state_dtype})
+        self._skipped: dict[torch.device, Tensor] = {}  # per device: coordinates skipped for a non-finite ∇
         # The net is a module, not a hyperparameter: a state dict carries its config only, so it stays
         # loadable with torch.load(weights_only=True) and is checked against the net on load.
         self.register_state_dict_post_hook(_nets_to_configs, prepend=True)
@@ -133,10 +139,30 @@ class L2LOptimizer(Optimizer):
                 loss = closure()
         for group, impl, params in self._plan():
             states = [self._state_of(group, p) for p in params]
+            device = params[0].device
+            if device not in self._skipped:
+                self._skipped[device] = torch.zeros((), dtype=torch.int64, device=device)
             impl.group_step(
-                group["net"], params, [p.grad for p in params], [s["h"] for s in states], [s["c"] for s in states]
+                group["net"], params, [p.grad for p in params], [s["h"] for s in states], [s["c"] for s in states],
+                self._skipped[device],
             )
         return loss
+
+    def skipped_coordinates(self) -> Tensor:
+        """How many coordinate updates were skipped for a NaN or ±inf gradient since this optimizer was made.
+
+        Such a coordinate keeps its parameter and its LSTM state as they were. The count is an int64 tensor
+        on the parameters' device, kept there by the kernels: ``step()`` never waits for the host to read
+        it (``.item()`` does).
+        """
+        counts = list(self._skipped.values())
+        if not counts:
+            first = next((p for g in self.param_groups for p in g["params"]), None)
+            return torch.zeros((), dtype=torch.int64, device=None if first is None else first.device)
+        total = counts[0].clone()
+        for count in counts[1:]:
+            total += count.to(total.device, non_blocking=True)
+        return total
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict from :meth:`state_dict`, exactly: the LSTM state keeps its saved dtype.

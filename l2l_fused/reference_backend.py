@@ -22,21 +22,29 @@ def update_dtype(param_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if param_dtype == torch.float64 else torch.float32
 
 
-def group_step(net, params, grads, hs, cs):
+def group_step(net, params, grads, hs, cs, skipped):
     """Concatenate the group into one flat float32 problem, step it once, write the pieces back.
 
-    This costs a copy of everything; it is the specification of what the fused kernels do in one launch.
+    A coordinate whose gradient is NaN or ±inf keeps θ and its state, and is counted into ``skipped`` (an
+    int64 on the device; no host synchronisation). This costs a copy of everything; it is the
+    specification of what the fused kernels do in one launch.
     """
     device = params[0].device
     cells = [tuple(w.detach().to(device, torch.float32) for w in ws) for ws in net.cell_weights()]
     head_w = net.head.weight.detach().to(device, torch.float32)
     head_b = net.head.bias.detach().to(device, torch.float32)
     grad = torch.cat([g.reshape(-1).float() for g in grads])
-    h = torch.cat([s.float() for s in hs], dim=1)
-    c = torch.cat([s.float() for s in cs], dim=1)
+    bad = ~torch.isfinite(grad)
+    skipped.add_(bad.sum())
+    h_old = torch.cat([s.float() for s in hs], dim=1)
+    c_old = torch.cat([s.float() for s in cs], dim=1)
     delta, h, c = l2l_update_ref(
-        grad, h, c, cells, head_w, head_b, preprocess_p=net.preprocess_p, output_scale=net.output_scale
+        grad.masked_fill(bad, 0.0), h_old, c_old, cells, head_w, head_b, preprocess_p=net.preprocess_p,
+        output_scale=net.output_scale,
     )
+    delta = delta.masked_fill(bad, -0.0)  # θ + (-0.0) is θ exactly, signed zeros included
+    h = torch.where(bad[None, :, None], h_old, h)
+    c = torch.where(bad[None, :, None], c_old, c)
     sizes = [p.numel() for p in params]
     for p, d in zip(params, delta.split(sizes)):
         wide = update_dtype(p.dtype)

@@ -15,8 +15,8 @@ def step(net, theta, grad, h, c, saved_state_dtype=None):
     return fused_step(KERNELS, net, theta, grad, h, c, saved_state_dtype)
 
 
-def group_step(net, params, grads, hs, cs):
-    _group_step_op(params, grads, hs, cs, net_weights(net, params[0].device), net.preprocess_p, net.output_scale)
+def group_step(net, params, grads, hs, cs, skipped):
+    _group_step_op(params, grads, hs, cs, skipped, net_weights(net, params[0].device), net.preprocess_p, net.output_scale)
 
 
 def _priority(device: torch.device) -> int:

@@ -50,10 +50,10 @@ if triton is not None:
 
     @triton.jit
     def _l2l_fwd_kernel(
-        table_ptr, block_tensor_ptr, cells, head_w_ptr, head_b_ptr,
+        table_ptr, block_tensor_ptr, cells, head_w_ptr, head_b_ptr, skipped_ptr,
         output_scale, inv_p, threshold, exp_p,
         L: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, IN: tl.constexpr, PREPROCESS: tl.constexpr,
-        STATE_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        STATE_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, SKIP_NONFINITE: tl.constexpr,
     ):
         pid = tl.program_id(0)
         row = table_ptr + tl.load(block_tensor_ptr + pid).to(tl.int64) * 10
@@ -62,11 +62,23 @@ if triton is not None:
         offs = (pid - tl.load(row + 9)) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: N*H can pass 2**31
         mask = offs < numel
 
-        x0, x1 = _features(_load_f32(tl.load(row + 2), offs, mask, code), inv_p, threshold, exp_p, PREPROCESS)
+        grad = _load_f32(tl.load(row + 2), offs, mask, code)
+        write = mask
+        if SKIP_NONFINITE:
+            # A NaN or ±inf gradient's coordinate is not written at all (the step is in place), so θ and
+            # the state stay as they were: a NaN would poison the state for good. Not keeping the old
+            # values in registers matters: the kernel is at its register limit. One atomic per program
+            # counts them, so nothing waits for the host.
+            bad = mask & ((grad != grad) | (tl.abs(grad) == float("inf")))
+            write = mask & ~bad
+            grad = tl.where(bad, 0.0, grad)  # its outputs are dropped; no NaN arithmetic on the way
+            tl.atomic_add(skipped_ptr, tl.sum(bad.to(tl.int64), axis=0))
+        x0, x1 = _features(grad, inv_p, threshold, exp_p, PREPROCESS)
 
         k = tl.arange(0, HP)
         state_offs = offs[:, None] * H + k[None, :]
         state_mask = mask[:, None] & (k[None, :] < H)
+        store_mask = write[:, None] & (k[None, :] < H)
         layer_stride = numel * H
         h_in = tl.load(row + 3).to(tl.pointer_type(STATE_DTYPE))
         h_out = tl.load(row + 4).to(tl.pointer_type(STATE_DTYPE))
@@ -82,12 +94,12 @@ if triton is not None:
             i, f, g, o = _gates(x, x0, x1, h, w_ih, w_hh, b_ih, b_hh, layer == 0, IN, H, HP, DOT_PRECISION)
             c = f * c + i * g
             x = o * _tanh(c)
-            tl.store(h_out + at, _to_state(x, STATE_DTYPE), mask=state_mask)
-            tl.store(c_out + at, _to_state(c, STATE_DTYPE), mask=state_mask)
+            tl.store(h_out + at, _to_state(x, STATE_DTYPE), mask=store_mask)
+            tl.store(c_out + at, _to_state(c, STATE_DTYPE), mask=store_mask)
 
         w_out = tl.load(head_w_ptr + k, mask=k < H, other=0.0)
         delta = output_scale * (tl.sum(x * w_out[None, :], axis=1) + tl.load(head_b_ptr))
-        _store_theta_plus(tl.load(row + 0), tl.load(row + 1), offs, mask, code, delta)
+        _store_theta_plus(tl.load(row + 0), tl.load(row + 1), offs, write, code, delta)
 
 
 # ---------------------------------------------------------------------------------------------- tables
@@ -186,8 +198,12 @@ def launch_forward(
     block_n: Optional[int] = None,
     dot_precision: str = DOT_PRECISION,
     num_warps: int = NUM_WARPS,
+    skipped: Optional[Tensor] = None,
 ) -> None:
     """One launch over every row ``(θ_in, θ_out, ∇, h_in, h_out, c_in, c_out)``.
+
+    With ``skipped`` (an int64 on the device; every row then in place, outputs the inputs) a coordinate
+    whose ∇ is NaN or ±inf is not written, so it keeps θ and its state, and is counted into ``skipped``.
 
     θ and ∇ are contiguous, of one dtype per row (float32, bfloat16, float16 or float64); the state is
     contiguous ``[L, numel, H]``, float32 or bfloat16, one dtype for all rows. Outputs may alias inputs
@@ -212,6 +228,11 @@ def launch_forward(
         for t in row:
             if t.device != device or not t.is_contiguous():
                 raise ValueError(f"every tensor must be contiguous and on {device}")
+    if skipped is not None:
+        if skipped.dtype != torch.int64 or skipped.numel() != 1 or skipped.device != device:
+            raise ValueError(f"skipped must be one int64 on {device}")
+        if any(row[1] is not row[0] or row[4] is not row[3] or row[6] is not row[5] for row in rows):
+            raise ValueError("skipping non-finite gradients needs an in-place step (outputs the inputs)")
     if state_dtype not in STATE_DTYPES:
         raise ValueError(f"state dtype must be one of {list(STATE_DTYPES)}, got {state_dtype}")
     padded = max(16, triton.next_power_of_2(hidden))
@@ -220,11 +241,12 @@ def launch_forward(
     p = 1.0 if preprocess_p is None else float(preprocess_p)
     _l2l_fwd_kernel[(num_blocks,)](
         table, block_tensor, tuple(weights[:-2]), weights[-2], weights[-1],
+        table if skipped is None else skipped,  # any pointer where nothing is counted
         float(output_scale), 1.0 / p, math.exp(-p), math.exp(p),
         L=num_layers, H=hidden, HP=padded, IN=features,
         PREPROCESS=preprocess_p is not None,
         STATE_DTYPE=tl.float32 if state_dtype == torch.float32 else tl.bfloat16,
-        BLOCK_N=block_n, DOT_PRECISION=dot_precision, num_warps=num_warps,
+        BLOCK_N=block_n, DOT_PRECISION=dot_precision, SKIP_NONFINITE=skipped is not None, num_warps=num_warps,
     )
 
 
@@ -246,12 +268,13 @@ def net_weights(net, device: torch.device) -> list[Tensor]:
 
 # ------------------------------------------------------------------------------------------- custom op
 
-@torch.library.custom_op("l2l_fused::triton_group_step", mutates_args=("params", "h", "c"))
+@torch.library.custom_op("l2l_fused::triton_group_step", mutates_args=("params", "h", "c", "skipped"))
 def _group_step_op(
     params: list[Tensor],
     grads: list[Tensor],
     h: list[Tensor],
     c: list[Tensor],
+    skipped: Tensor,
     weights: list[Tensor],
     preprocess_p: Optional[float],
     output_scale: float,
@@ -265,11 +288,11 @@ def _group_step_op(
         if work is not p:
             write_back.append((p, work))
         rows.append((work, work, g.contiguous(), hs, hs, cs, cs))
-    launch_forward(rows, weights, preprocess_p, output_scale)
+    launch_forward(rows, weights, preprocess_p, output_scale, skipped=skipped)
     for p, work in write_back:
         p.copy_(work)
 
 
 @_group_step_op.register_fake
-def _(params, grads, h, c, weights, preprocess_p, output_scale) -> None:
+def _(params, grads, h, c, skipped, weights, preprocess_p, output_scale) -> None:
     return None

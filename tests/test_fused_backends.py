@@ -15,15 +15,24 @@ from helpers import (CASES, F32_TOL, UNIT_ROUNDOFF, adversarial_grad, assert_wit
 FUSED = [("triton", "cuda"), ("triton", "cpu"), ("native", "cpu"), ("native", "cuda")]
 
 
-@pytest.fixture(params=FUSED, ids=[f"{b}-{d}" for b, d in FUSED])
-def fused(request):
-    """(backend name, device) for each fused backend and device it is available on here."""
-    name, device = request.param
+def _available(name, device):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     if name not in available_backends(device):
         pytest.skip(f"{name} is not available on {device} here")
     return name, torch.device(device)
+
+
+@pytest.fixture(params=FUSED, ids=[f"{b}-{d}" for b, d in FUSED])
+def fused(request):
+    """(backend name, device) for each fused backend and device it is available on here."""
+    return _available(*request.param)
+
+
+@pytest.fixture(params=[("reference", "cpu")] + FUSED, ids=["reference-cpu"] + [f"{b}-{d}" for b, d in FUSED])
+def any_backend(request):
+    """The fused backends, and the reference that specifies them."""
+    return _available(*request.param)
 
 
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
@@ -34,8 +43,46 @@ def test_group_step_matches_reference(seed, fused, state_dtype, p, layers, hidde
     net = random_net(hidden, layers, p, scale).to(device)
     thetas, grads, hs, cs = group_inputs(net, sizes, state_dtype, device)
     outs = [[t.clone() for t in ts] for ts in (thetas, hs, cs)]
-    backends.resolve(name, device, net).group_step(net, *outs[:1], grads, *outs[1:])
+    skipped = torch.zeros((), dtype=torch.int64, device=device)
+    backends.resolve(name, device, net).group_step(net, *outs[:1], grads, *outs[1:], skipped)
     check_step(net, thetas, grads, hs, cs, *outs, state_dtype)
+    assert skipped.item() == 0
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_nonfinite_gradients_leave_their_coordinates_alone(seed, any_backend, state_dtype):
+    """NaN and ±inf gradients, scattered among adversarial finite ones in every parameter dtype: those
+    coordinates keep θ, h and c bit for bit and are counted on the device; every other coordinate gets
+    exactly the step the reference gives it."""
+    name, device = any_backend
+    p, layers, hidden, scale, sizes = CASES[0]
+    net = random_net(hidden, layers, p, scale).to(device)
+    thetas, grads, hs, cs = group_inputs(net, sizes, state_dtype, device)
+    generator = torch.Generator().manual_seed(seed)
+    bads = []
+    for g in grads:
+        bad = torch.rand(g.numel(), generator=generator) < 0.3
+        values = torch.tensor([float("nan"), float("inf"), -float("inf")])[torch.randint(3, (g.numel(),), generator=generator)]
+        g[bad.to(device)] = values[bad].to(g.dtype).to(device)
+        bads.append(bad)
+    outs = [[t.clone() for t in ts] for ts in (thetas, hs, cs)]
+    skipped = torch.zeros((), dtype=torch.int64, device=device)
+    impl = backends.resolve(name, device, net)
+    impl.group_step(net, *outs[:1], grads, *outs[1:], skipped)
+    total = sum(int(b.sum()) for b in bads)
+    assert skipped.item() == total > 0
+
+    good = [(~b).to(device) for b in bads]
+    for bad, theta, h, c, theta_out, h_out, c_out in zip(bads, thetas, hs, cs, *outs):
+        bad = bad.to(device)
+        assert torch.equal(theta_out[bad], theta[bad])  # NaN-free: θ comes from randn
+        assert torch.equal(h_out[:, bad], h[:, bad]) and torch.equal(c_out[:, bad], c[:, bad])
+    pick = lambda ts, dim=0: [t.index_select(dim, torch.nonzero(m).flatten()) for t, m in zip(ts, good)]
+    check_step(net, pick(thetas), pick(grads), pick(hs, 1), pick(cs, 1), pick(outs[0]), pick(outs[1], 1),
+               pick(outs[2], 1), state_dtype)
+
+    impl.group_step(net, *outs[:1], grads, *outs[1:], skipped)  # the count accumulates, step after step
+    assert skipped.item() == 2 * total
 
 
 def _model_params(device):

@@ -40,7 +40,7 @@ def test_ops_pass_opcheck(seed):
     states = [random_state(net, p.numel()) for p in params]
     torch.library.opcheck(torch.ops.l2l_fused.native_group_step.default,
                           (params, [torch.randn_like(p) for p in params], [s[0] for s in states],
-                           [s[1] for s in states], packed, *shape))
+                           [s[1] for s in states], packed, torch.zeros((), dtype=torch.int64), *shape))
 
 
 @built

@@ -4,8 +4,8 @@ import io
 import pytest
 import torch
 
-from l2l_fused import L2LOptimizer, LSTMOptimizerNet, l2l_update_ref
-from helpers import adversarial_grad, random_net
+from l2l_fused import L2LOptimizer, LSTMOptimizerNet, available_backends, l2l_update_ref
+from helpers import adversarial_grad, grad_for, random_net
 
 
 def _params(shapes, dtype=torch.float32):
@@ -14,7 +14,7 @@ def _params(shapes, dtype=torch.float32):
 
 def _set_grads(params, generator=None):
     for p in params:
-        p.grad = adversarial_grad(p.numel(), 10.0, generator=generator).view_as(p).to(p.dtype)
+        p.grad = grad_for(p.numel(), 10.0, p.dtype, generator).view_as(p)
 
 
 def _expected_update(net, params, states):
@@ -228,3 +228,65 @@ def test_load_state_dict_rejects_another_layout_or_net(seed):
         wrong_shape.load_state_dict(sd)
     assert not wrong_shape.state
     _assert_unchanged(opt, [a, b], snapshot)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_nonfinite_gradients_are_skipped_and_counted_without_poisoning_the_state(seed, backend):
+    if backend not in available_backends("cpu"):
+        pytest.skip(f"{backend} is not available here")
+    net = random_net()
+    params = _params([(6, 5), (9,)])
+    opt = L2LOptimizer(params, net=net, backend=backend)
+    assert opt.skipped_coordinates().item() == 0
+    _set_grads(params)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    states = [(opt.state[p]["h"].clone(), opt.state[p]["c"].clone()) for p in params]
+    _set_grads(params)
+    params[0].grad[1, 2], params[0].grad[4, 0], params[1].grad[8] = float("nan"), float("inf"), -float("inf")
+    opt.step()
+    count = opt.skipped_coordinates()
+    assert count.dtype == torch.int64 and count.item() == 3
+    flat = [(0, 1 * 5 + 2), (0, 4 * 5 + 0), (1, 8)]
+    for i, j in flat:
+        assert params[i].detach().flatten()[j] == before[i].flatten()[j]
+        assert torch.equal(opt.state[params[i]]["h"][:, j], states[i][0][:, j])
+        assert torch.equal(opt.state[params[i]]["c"][:, j], states[i][1][:, j])
+    assert (params[0].detach() != before[0]).sum() == 30 - 2  # every other coordinate moved
+
+    _set_grads(params)  # finite again: those coordinates step on from their kept state
+    opt.step()
+    assert all(torch.isfinite(opt.state[p][k]).all() and torch.isfinite(p).all() for p in params for k in ("h", "c"))
+    assert opt.skipped_coordinates().item() == 3
+
+
+def test_grad_scaler_skips_overflowing_steps_and_unscales_the_others(seed):
+    """scaler.step(opt) as with Adam: a step whose scaled gradients overflow changes nothing; otherwise the
+    optimizer sees the unscaled gradients."""
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(4, 3)
+    twin = copy.deepcopy(model)
+    net = random_net()
+    opt, twin_opt = L2LOptimizer(model.parameters(), net=net), L2LOptimizer(twin.parameters(), net=net)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x = torch.randn(8, 4)
+    for overflow in (False, True, False):
+        opt.zero_grad()
+        loss = model(x).pow(2).sum()
+        scaler.scale(loss).backward()
+        if overflow:
+            model.weight.grad[0, 0] = float("inf")
+        before = [p.detach().clone() for p in model.parameters()]
+        scale = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        if overflow:
+            assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+            assert scaler.get_scale() == scale / 2
+        else:
+            twin_opt.zero_grad()
+            twin(x).pow(2).sum().backward()
+            twin_opt.step()
+            for a, b in zip(model.parameters(), twin.parameters()):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert opt.skipped_coordinates().item() == 0  # the scaler skipped the whole step before the optimizer ran

@@ -64,7 +64,8 @@ def test_custom_op_passes_opcheck(seed, kernel_device):
     h = [s[0].to(kernel_device) for s in states]
     c = [s[1].to(kernel_device) for s in states]
     torch.library.opcheck(triton_step._group_step_op,
-                          (params, grads, h, c, triton_step.net_weights(net, kernel_device), 10.0, 0.1))
+                          (params, grads, h, c, torch.zeros((), dtype=torch.int64, device=kernel_device),
+                           triton_step.net_weights(net, kernel_device), 10.0, 0.1))
 
 
 def test_compiled_training_step_has_no_graph_break_in_the_optimizer(seed, kernel_device):
