@@ -290,3 +290,71 @@ def test_grad_scaler_skips_overflowing_steps_and_unscales_the_others(seed):
             for a, b in zip(model.parameters(), twin.parameters()):
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     assert opt.skipped_coordinates().item() == 0  # the scaler skipped the whole step before the optimizer ran
+
+
+def test_an_empty_group_is_allowed_and_steps_nothing(seed):
+    """As in torch.optim: a group may be empty (say, a filter matched no parameter); it is carried through
+    step and state_dict like any other."""
+    net = random_net()
+    (a,) = _params([(6,)])
+    opt = L2LOptimizer([{"params": [a]}, {"params": []}], net=net)
+    _set_grads([a])
+    opt.step()
+    saved = opt.state_dict()
+    assert [len(g["params"]) for g in saved["param_groups"]] == [1, 0]
+    again = L2LOptimizer([{"params": [a]}, {"params": []}], net=net)
+    again.load_state_dict(saved)
+    assert torch.equal(again.state[a]["h"], opt.state[a]["h"])
+
+
+@pytest.mark.parametrize("saved_on, loaded_on", [("native", "reference"), ("reference", "native"),
+                                                 ("native", "triton"), ("triton", "native")])
+def test_state_dict_moves_between_backends(seed, saved_on, loaded_on):
+    """State saved under one backend continues under another: the state layout is the public [L, N, H]
+    whatever the kernel, so the runs agree to float32 rounding (different kernels, different roundings)."""
+    for name in (saved_on, loaded_on):
+        if name not in available_backends("cpu"):
+            pytest.skip(f"{name} is not available on the CPU here")
+    net = random_net()
+    params = _params([(5, 3), (4,)])
+    gen = torch.Generator().manual_seed(seed)
+    grads = [[grad_for(p.numel(), 10.0, p.dtype, gen).view_as(p) for p in params] for _ in range(4)]
+    straight = [p.detach().clone().requires_grad_() for p in params]
+    _train(L2LOptimizer(straight, net=net, backend=saved_on), straight, grads)
+
+    first = L2LOptimizer(params, net=net, backend=saved_on)
+    _train(first, params, grads[:2])
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    second = L2LOptimizer(params, net=net, backend=loaded_on)
+    second.load_state_dict(torch.load(buffer, weights_only=True))
+    assert second.param_groups[0]["backend"] == saved_on  # the state dict's options come with it
+    second.param_groups[0]["backend"] = loaded_on
+    _train(second, params, grads[2:])
+    for a, b in zip(params, straight):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_state_dict_moves_between_cuda_and_cpu(seed):
+    """Saved on CUDA, loaded on the CPU (state moved to each parameter's device), and back, unchanged."""
+    net = random_net()
+    on_gpu = [torch.nn.Parameter(p.detach().cuda()) for p in _params([(5, 3), (4,)])]
+    gpu_opt = L2LOptimizer(on_gpu, net=net.cuda())
+    _set_grads(on_gpu)
+    gpu_opt.step()
+    buffer = io.BytesIO()
+    torch.save(gpu_opt.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True, map_location="cpu")
+    on_cpu = [torch.nn.Parameter(p.detach().cpu()) for p in on_gpu]
+    cpu_opt = L2LOptimizer(on_cpu, net=random_net().cpu())
+    cpu_opt.load_state_dict(saved)
+    back = L2LOptimizer(on_gpu, net=net)
+    back.load_state_dict(cpu_opt.state_dict())
+    for p_cpu, p_gpu in zip(on_cpu, on_gpu):
+        for key in ("h", "c"):
+            assert cpu_opt.state[p_cpu][key].device.type == "cpu"
+            assert torch.equal(cpu_opt.state[p_cpu][key], gpu_opt.state[p_gpu][key].cpu())
+            assert back.state[p_gpu][key].is_cuda and torch.equal(back.state[p_gpu][key], gpu_opt.state[p_gpu][key])
