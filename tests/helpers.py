@@ -117,3 +117,20 @@ def check_step(net, thetas, grads, hs, cs, theta_outs, h_outs, c_outs, state_dty
             bound = F32_TOL * (1 + ref.abs()) + UNIT_ROUNDOFF[state_dtype] * ref.abs()
             assert_within(got, ref, bound, f"{name} ({state_dtype}, n={n})")
         offset += n
+
+
+def check_step_skipping(net, thetas, grads, hs, cs, theta_outs, h_outs, c_outs, state_dtype):
+    """As :func:`check_step`, where a coordinate whose gradient is NaN or ±inf must keep θ, h and c bit for
+    bit. Returns how many coordinates that was."""
+    good = [torch.isfinite(g.flatten()) for g in grads]
+    for ok, theta, h, c, theta_out, h_out, c_out in zip(good, thetas, hs, cs, theta_outs, h_outs, c_outs):
+        bad = ~ok
+        assert torch.equal(theta_out.flatten()[bad], theta.flatten()[bad]), "θ of a skipped coordinate changed"
+        assert torch.equal(h_out[:, bad], h[:, bad]) and torch.equal(c_out[:, bad], c[:, bad]), "state of a skipped coordinate changed"
+
+    def pick(ts, dim=0):  # the finite coordinates: of flattened θ and ∇ (dim 0), of h and c (dim 1)
+        return [(t.flatten() if dim == 0 else t).index_select(dim, torch.nonzero(m).flatten()) for t, m in zip(ts, good)]
+
+    check_step(net, pick(thetas), pick(grads), pick(hs, 1), pick(cs, 1), pick(theta_outs), pick(h_outs, 1),
+               pick(c_outs, 1), state_dtype)
+    return sum(int((~m).sum()) for m in good)

@@ -1,0 +1,61 @@
+"""Property test: L2LOptimizer on random groups of tensors (shapes, dtypes, gradients with NaN, ±inf and
+zeros) steps every finite coordinate as the float64 reference does and leaves every other one alone."""
+
+import pytest
+import torch
+
+from l2l_fused import L2LOptimizer, available_backends
+from helpers import check_step_skipping, random_net
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+SPECIAL = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-30, 1e4]
+
+shapes = st.lists(st.integers(1, 6), min_size=0, max_size=3).map(tuple)
+tensors = st.tuples(shapes, st.sampled_from(DTYPES))
+groups = st.lists(tensors, min_size=1, max_size=4)
+
+
+@st.composite
+def problems(draw):
+    specs = draw(groups)
+    seed = draw(st.integers(0, 2**31 - 1))
+    special_fraction = draw(st.sampled_from([0.0, 0.2, 1.0]))
+    generator = torch.Generator().manual_seed(seed)
+    params, grads = [], []
+    for shape, dtype in specs:
+        params.append(torch.nn.Parameter(torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)))
+        g = torch.randn(shape, generator=generator, dtype=torch.float64) * 10 ** torch.empty(shape, dtype=torch.float64).uniform_(-8, 3, generator=generator)
+        mask = torch.rand(shape, generator=generator) < special_fraction
+        picks = torch.tensor(SPECIAL, dtype=torch.float64)[torch.randint(len(SPECIAL), shape, generator=generator)]
+        grads.append(torch.where(mask, picks, g).to(dtype))
+    return params, grads, draw(st.sampled_from([torch.float32, torch.bfloat16]))
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(problem=problems())
+def test_optimizer_matches_reference_and_never_corrupts(backend, problem):
+    if backend not in available_backends("cpu"):
+        pytest.skip(f"{backend} is not available here")
+    params, grads, state_dtype = problem
+    net = random_net()
+    opt = L2LOptimizer(params, net=net, backend=backend, state_dtype=state_dtype)
+    total = 0
+    for step in range(2):  # the first step starts from zero state; the second from what the first left
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        thetas = [p.detach().clone().flatten() for p in params]
+        hs = [opt.state[p]["h"].clone() if opt.state[p] else torch.zeros(2, p.numel(), 20, dtype=state_dtype)
+              for p in params]
+        cs = [opt.state[p]["c"].clone() if opt.state[p] else torch.zeros(2, p.numel(), 20, dtype=state_dtype)
+              for p in params]
+        opt.step()
+        total += check_step_skipping(net, thetas, [g.flatten() for g in grads], hs, cs,
+                                     [p.detach().flatten() for p in params], [opt.state[p]["h"] for p in params],
+                                     [opt.state[p]["c"] for p in params], state_dtype)
+        assert all(torch.isfinite(opt.state[p][k]).all() for p in params for k in ("h", "c"))
+    assert opt.skipped_coordinates().item() == total
