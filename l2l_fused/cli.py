@@ -5,6 +5,10 @@ functions. Seeds: training functions from ``seed``, validation ``seed + 1``, bas
 test ``seed + 3``; the net's initial weights from ``seed``. ``evaluate`` also runs the task's transfer
 variants (``--variant``), each against baselines tuned on that variant. ``export`` writes a checkpoint's
 best net as a small file for :func:`l2l_fused.pretrained`.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1), ``train`` and ``run`` meta-train data-parallel: each rank unrolls its
+share of every batch of functions (gloo on the CPU, NCCL with ``--device cuda``, a GPU per local rank);
+rank 0 writes the checkpoint and runs the evaluation.
 """
 
 from __future__ import annotations
@@ -92,8 +96,9 @@ def _train(args, out: str, task) -> str:
         print(f"resumed {checkpoint} at epoch {trainer.state.epoch}")
     start = time.perf_counter()
     state = trainer.train(checkpoint_path=checkpoint, progress=not args.no_progress)
-    print(f"meta-training: {time.perf_counter() - start:.1f} s; best validation loss {state.best_val:.4g} "
-          f"at epoch {state.best_epoch}; checkpoint {checkpoint}")
+    if trainer.rank == 0:
+        print(f"meta-training: {time.perf_counter() - start:.1f} s; best validation loss {state.best_val:.4g} "
+              f"at epoch {state.best_epoch}; checkpoint {checkpoint}")
     return checkpoint
 
 
@@ -137,6 +142,15 @@ def _evaluate(args, out: str, net, source: str, seed: int, steps: int | None, ex
     print(f"wrote {out}/table.md, results.json, plots")
 
 
+def _init_distributed(args) -> int:
+    """Join torchrun's process group; returns this rank."""
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(args.device)
+    torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return torch.distributed.get_rank()
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     out = args.out or os.path.join("runs", args.task)
@@ -148,6 +162,9 @@ def main(argv=None) -> int:
         return 0
     if args.command != "train":
         _variants(args)  # a bad --variant fails before minutes of training
+    rank = 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command != "evaluate":
+        rank = _init_distributed(args)
     os.makedirs(out, exist_ok=True)
     if args.command == "evaluate":
         if args.pretrained:
@@ -159,7 +176,10 @@ def main(argv=None) -> int:
     else:
         task = _task(args)
         checkpoint = _train(args, out, task)
-        if args.command == "run":
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # rank 0's last checkpoint is written
+            torch.distributed.destroy_process_group()
+        if args.command == "run" and rank == 0:
             config = _train_config(args, task)
             extra = {"train_config": asdict(config), "command": shlex.join(["python", "-m", "l2l_fused", *(argv or sys.argv[1:])])}
             _evaluate(args, out, load_best_net(checkpoint), checkpoint, config.seed, config.steps, extra)

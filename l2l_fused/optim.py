@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from . import backends
@@ -28,8 +29,13 @@ def _check_state_dtype(dtype, where: str) -> None:
         raise ValueError(f"{where} must be one of {list(STATE_DTYPES)}, got {dtype!r}")
 
 
+def _local(t: Tensor) -> Tensor:
+    """The part of ``t`` this process holds: a DTensor's (FSDP2's sharded parameters) local shard, else ``t``."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def _state_shape(net: LSTMOptimizerNet, p: Tensor) -> tuple[int, int, int]:
-    return (net.num_layers, p.numel(), net.hidden_size)
+    return (net.num_layers, _local(p).numel(), net.hidden_size)
 
 
 class L2LOptimizer(Optimizer):
@@ -142,9 +148,9 @@ class L2LOptimizer(Optimizer):
             device = params[0].device
             if device not in self._skipped:
                 self._skipped[device] = torch.zeros((), dtype=torch.int64, device=device)
-            impl.group_step(
-                group["net"], params, [p.grad for p in params], [s["h"] for s in states], [s["c"] for s in states],
-                self._skipped[device],
+            impl.group_step(  # under FSDP2 each rank steps (and keeps state for) its own shards only
+                group["net"], [_local(p) for p in params], [_local(p.grad) for p in params], [s["h"] for s in states],
+                [s["c"] for s in states], self._skipped[device],
             )
         return loss
 

@@ -7,6 +7,7 @@ batch of functions costs a few kernel calls, not B.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .data import Dataset, load_dataset
-from .tasks import Problem, Task
+from .tasks import Problem, Task, shard_slice
 
 ACTIVATIONS = {"sigmoid": torch.sigmoid, "relu": torch.relu}
 
@@ -99,6 +100,9 @@ class ClassificationProblem(Problem):
     model: object  # BatchedMLP or BatchedConvNet
     batch_size: int
     seed: int  # decides every minibatch: step t draws from seed + t
+    # This batch's place among the functions it was sampled with (shard keeps their minibatches).
+    first_function: int = 0
+    sampled_functions: Optional[int] = None
 
     @property
     def params(self) -> list[Tensor]:
@@ -113,7 +117,14 @@ class ClassificationProblem(Problem):
         for every optimizer run on this problem and on any device."""
         generator = torch.Generator().manual_seed(self.seed + step)
         n_functions = self.init[0].shape[0]
-        return torch.randint(len(self.labels), (n_functions, self.batch_size), generator=generator)
+        total = self.sampled_functions or n_functions
+        index = torch.randint(len(self.labels), (total, self.batch_size), generator=generator)
+        return index[self.first_function:self.first_function + n_functions]
+
+    def shard(self, index: int, count: int) -> "ClassificationProblem":
+        part = shard_slice(self.init[0].shape[0], index, count)
+        return dataclasses.replace(self, init=[p[part] for p in self.init], first_function=self.first_function + part.start,
+                                   sampled_functions=self.sampled_functions or self.init[0].shape[0])
 
     def loss(self, params: list[Tensor], step: int) -> Tensor:
         index = self.minibatch(step).to(self.labels.device)

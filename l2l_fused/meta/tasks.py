@@ -35,6 +35,11 @@ class Problem:
                 moved[f.name] = [v.to(device) for v in value]
         return dataclasses.replace(self, **moved)
 
+    def shard(self, index: int, count: int) -> "Problem":
+        """Functions ``[index·B/count, (index+1)·B/count)`` of this batch, each exactly as it is here (the
+        same losses and minibatches): one rank's share in data-parallel meta-training."""
+        raise NotImplementedError
+
     def loss(self, params: list[Tensor], step: int) -> Tensor:
         """Per-function losses ``[B]`` at ``params`` (same shapes as ``self.params``) at optimization step
         ``step`` (tasks with minibatches draw step's batch; deterministic ones ignore it)."""
@@ -73,6 +78,13 @@ class Task:
         return nn.ModuleDict({name: LSTMOptimizerNet(**self.net_options()) for name in self.groups})
 
 
+def shard_slice(n: int, index: int, count: int) -> slice:
+    if n % count:
+        raise ValueError(f"a batch of {n} functions does not split evenly into {count} shards")
+    size = n // count
+    return slice(index * size, (index + 1) * size)
+
+
 @dataclass
 class QuadraticProblem(Problem):
     w: Tensor  # [B, d, d]
@@ -82,6 +94,10 @@ class QuadraticProblem(Problem):
     @property
     def params(self) -> list[Tensor]:
         return [self.theta0]
+
+    def shard(self, index: int, count: int) -> "QuadraticProblem":
+        part = shard_slice(self.theta0.shape[0], index, count)
+        return QuadraticProblem(w=self.w[part], y=self.y[part], theta0=self.theta0[part])
 
     def loss(self, params: list[Tensor], step: int) -> Tensor:
         (theta,) = params

@@ -33,15 +33,6 @@ class TrainConfig:
             raise ValueError(f"steps ({self.steps}) must be a multiple of truncation ({self.truncation})")
 
 
-def trajectory_score(losses: torch.Tensor) -> float:
-    """Validation loss: the meta-objective, mean over functions of the summed losses, per step.
-
-    A diverged run (inf or NaN) is worse than any finite one.
-    """
-    value = losses[1:].mean().item()
-    return value if math.isfinite(value) else math.inf
-
-
 @dataclass
 class TrainState:
     epoch: int = 0
@@ -58,6 +49,12 @@ class MetaTrainer:
     once from seed + 1. A checkpoint at an epoch boundary holds everything that decides the rest of the
     run (φ, best φ, Adam, the generator, the epoch), so a resumed run is bit-identical to an uninterrupted
     one on the same machine and backend.
+
+    Data-parallel: when ``torch.distributed`` is initialised (``torchrun``), every rank draws the same
+    batch of ``batch_size`` functions and unrolls its own share of them (``Problem.shard``); φ's gradients
+    are averaged over ranks before clipping and Adam, so every rank holds the same φ, the one a single
+    process would compute on the whole batch (up to the order of float additions). Validation is sharded
+    the same way; only rank 0 writes checkpoints.
     """
 
     def __init__(self, net: Nets, task: Task, config: TrainConfig, backend: str = "auto",
@@ -66,15 +63,34 @@ class MetaTrainer:
         self.net, self.task, self.config, self.backend = net.to(self.device), task, config, backend
         self.meta_optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
         self.generator = torch.Generator().manual_seed(config.seed)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.rank = torch.distributed.get_rank() if distributed else 0
+        self.world = torch.distributed.get_world_size() if distributed else 1
+        if config.batch_size % self.world or config.val_functions % self.world:
+            raise ValueError(f"batch_size ({config.batch_size}) and val_functions ({config.val_functions}) must "
+                             f"split evenly over {self.world} ranks")
+        if self.world > 1:  # every rank starts from rank 0's φ, whatever its own initialisation
+            for p in self.net.parameters():
+                torch.distributed.broadcast(p.data, src=0)
         validation = task.sample(config.val_functions, torch.Generator().manual_seed(config.seed + 1))
-        self.validation = validation.to(self.device)
+        self.validation = self._share(validation)
         self.best_state = copy.deepcopy(net.state_dict())
         self.state = TrainState()
+
+    def _share(self, problem):
+        """This rank's functions of a batch, on the device."""
+        return (problem.shard(self.rank, self.world) if self.world > 1 else problem).to(self.device)
+
+    def _mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            torch.distributed.all_reduce(value)
+            value /= self.world
+        return value
 
     def train_batch(self) -> float:
         """One sampled batch: K steps, a φ update after every truncation. Returns the mean loss."""
         cfg = self.config
-        problem = self.task.sample(cfg.batch_size, self.generator).to(self.device)
+        problem = self._share(self.task.sample(cfg.batch_size, self.generator))
         trajectory = Trajectory(self.net, problem, self.backend)
         total = 0.0
         for _ in range(cfg.steps // cfg.truncation):
@@ -82,21 +98,29 @@ class MetaTrainer:
             meta_loss = losses.sum(0).mean()  # w_t = 1; mean over the batch of functions
             self.meta_optimizer.zero_grad()
             meta_loss.backward()
+            for p in self.net.parameters():  # equal shares: the mean of the ranks' means is the batch mean
+                if p.grad is not None:
+                    self._mean_over_ranks(p.grad)
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
             self.meta_optimizer.step()
             trajectory.detach()
-            total += losses.detach().mean().item()
+            total += self._mean_over_ranks(losses.detach().mean()).item()
         return total / (cfg.steps // cfg.truncation)
 
     def validate(self) -> float:
-        return trajectory_score(learned_losses(self.net, self.validation, self.config.steps, self.backend))
+        """The meta-objective on the validation functions: mean over functions and steps of the loss. A
+        diverged run (inf or NaN) is worse than any finite one."""
+        losses = learned_losses(self.net, self.validation, self.config.steps, self.backend)
+        value = self._mean_over_ranks(losses[1:].mean()).item()
+        return value if math.isfinite(value) else math.inf
 
     def train(self, checkpoint_path: Optional[str] = None, progress: bool = True) -> TrainState:
         """Run the remaining epochs; after each, validate, keep the best φ, and checkpoint."""
         cfg = self.config
         epochs = range(self.state.epoch, cfg.epochs)
-        bar = tqdm(total=len(epochs) * cfg.iterations_per_epoch, disable=not progress, desc="meta-train")
+        bar = tqdm(total=len(epochs) * cfg.iterations_per_epoch, disable=not progress or self.rank != 0,
+                   desc="meta-train")
         for epoch in epochs:
             train_loss = sum(self.train_batch() for _ in _ticking(bar, cfg.iterations_per_epoch)) / cfg.iterations_per_epoch
             val = self.validate()
@@ -106,7 +130,7 @@ class MetaTrainer:
             self.state.history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val})
             self.state.epoch = epoch + 1
             bar.set_postfix(val=f"{val:.4g}", best=f"{self.state.best_val:.4g}")
-            if checkpoint_path:
+            if checkpoint_path and self.rank == 0:
                 self.save(checkpoint_path)
         bar.close()
         return self.state
