@@ -260,16 +260,17 @@ def test_nonfinite_gradients_are_skipped_and_counted_without_poisoning_the_state
     assert opt.skipped_coordinates().item() == 3
 
 
-def test_grad_scaler_skips_overflowing_steps_and_unscales_the_others(seed):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_grad_scaler_skips_overflowing_steps_and_unscales_the_others(seed, device):
     """scaler.step(opt) as with Adam: a step whose scaled gradients overflow changes nothing; otherwise the
     optimizer sees the unscaled gradients."""
     torch.manual_seed(seed)
-    model = torch.nn.Linear(4, 3)
+    model = torch.nn.Linear(4, 3).to(device)
     twin = copy.deepcopy(model)
-    net = random_net()
+    net = random_net().to(device)
     opt, twin_opt = L2LOptimizer(model.parameters(), net=net), L2LOptimizer(twin.parameters(), net=net)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    x = torch.randn(8, 4)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
+    x = torch.randn(8, 4, device=device)
     for overflow in (False, True, False):
         opt.zero_grad()
         loss = model(x).pow(2).sum()
