@@ -31,6 +31,15 @@ def float32_problem(net) -> Optional[str]:
     return None
 
 
+def size_problem(num_layers: int, hidden: int, max_layers: int, max_hidden: int) -> Optional[str]:
+    """Why a backend whose kernels take at most ``max_layers`` × ``max_hidden`` cannot run this size, or None."""
+    if not 1 <= num_layers <= max_layers:
+        return f"runs 1 to {max_layers} layers, not {num_layers}"
+    if not 1 <= hidden <= max_hidden:
+        return f"runs hidden_size up to {max_hidden}, not {hidden}"
+    return None
+
+
 class FusedStep(torch.autograd.Function):
     """``(θ', h', c') = step(θ, ∇, h, c; φ)`` with a backend's fused forward and backward kernels."""
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .fused import Kernels, float32_problem, fused_step
+from .fused import Kernels, float32_problem, fused_step, size_problem
 
 try:
     from . import _C  # noqa: F401  (loading it registers the ops)
@@ -46,13 +46,7 @@ def _unavailable_reason(device: torch.device) -> str:
 
 
 def _supports(net) -> Optional[str]:
-    if float32_problem(net):
-        return float32_problem(net)
-    if not 1 <= net.num_layers <= MAX_LAYERS:
-        return f"runs 1 to {MAX_LAYERS} layers, not {net.num_layers}"
-    if not 1 <= net.hidden_size <= MAX_HIDDEN:
-        return f"runs hidden_size up to {MAX_HIDDEN}, not {net.hidden_size}"
-    return None
+    return float32_problem(net) or size_problem(net.num_layers, net.hidden_size, MAX_LAYERS, MAX_HIDDEN)
 
 
 def pack(net) -> Tensor:

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .fused import float32_problem
+from .fused import float32_problem, size_problem
 from .triton_math import triton
 
 if triton is not None:
@@ -166,22 +166,14 @@ _TABLES = _LaunchTables()
 
 def supports(net) -> Optional[str]:
     """Why the Triton kernels cannot run ``net``, or None."""
-    return float32_problem(net) or _size_problem(net.num_layers, net.hidden_size)
-
-
-def _size_problem(num_layers: int, hidden: int) -> Optional[str]:
-    if not 1 <= num_layers <= MAX_LAYERS:
-        return f"runs 1 to {MAX_LAYERS} layers, not {num_layers}"
-    if not 1 <= hidden <= MAX_HIDDEN:
-        return f"runs hidden_size up to {MAX_HIDDEN}, not {hidden}"
-    return None
+    return float32_problem(net) or size_problem(net.num_layers, net.hidden_size, MAX_LAYERS, MAX_HIDDEN)
 
 
 def _check_weights(weights: Sequence[Tensor], device: torch.device) -> tuple[int, int, int]:
     """(L, H, input features) of a flat weight list ``[w_ih, w_hh, b_ih, b_hh] * L + [head_w, head_b]``."""
     num_layers, rest = divmod(len(weights) - 2, 4)
     hidden = weights[1].shape[1] if len(weights) > 1 else 0
-    problem = "needs [w_ih, w_hh, b_ih, b_hh] * L + [head_w, head_b]" if rest else _size_problem(num_layers, hidden)
+    problem = "needs [w_ih, w_hh, b_ih, b_hh] * L + [head_w, head_b]" if rest else size_problem(num_layers, hidden, MAX_LAYERS, MAX_HIDDEN)
     if problem:
         raise ValueError(f"the triton kernel {problem}")
     for w in weights:
