@@ -101,8 +101,8 @@ class ClassificationProblem(Problem):
     batch_size: int
     seed: int  # decides every minibatch: step t draws from seed + t
     # This batch's place among the functions it was sampled with (shard keeps their minibatches).
+    sampled_functions: int
     first_function: int = 0
-    sampled_functions: Optional[int] = None
 
     @property
     def params(self) -> list[Tensor]:
@@ -116,15 +116,12 @@ class ClassificationProblem(Problem):
         """Indices ``[B, batch_size]`` of step's minibatch per function (drawn with replacement), the same
         for every optimizer run on this problem and on any device."""
         generator = torch.Generator().manual_seed(self.seed + step)
-        n_functions = self.init[0].shape[0]
-        total = self.sampled_functions or n_functions
-        index = torch.randint(len(self.labels), (total, self.batch_size), generator=generator)
-        return index[self.first_function:self.first_function + n_functions]
+        index = torch.randint(len(self.labels), (self.sampled_functions, self.batch_size), generator=generator)
+        return index[self.first_function:self.first_function + self.init[0].shape[0]]
 
     def shard(self, index: int, count: int) -> "ClassificationProblem":
         part = shard_slice(self.init[0].shape[0], index, count)
-        return dataclasses.replace(self, init=[p[part] for p in self.init], first_function=self.first_function + part.start,
-                                   sampled_functions=self.sampled_functions or self.init[0].shape[0])
+        return dataclasses.replace(self, init=[p[part] for p in self.init], first_function=self.first_function + part.start)
 
     def loss(self, params: list[Tensor], step: int) -> Tensor:
         index = self.minibatch(step).to(self.labels.device)
@@ -152,11 +149,18 @@ class ClassificationTask(Task):
     def build_model(self):
         raise NotImplementedError
 
+    @property
+    def groups(self) -> tuple[str, ...] | None:
+        """The model's parameter groups that get their own net (the conv net's "conv" and "fc")."""
+        groups = self.model.groups()
+        return None if groups is None else tuple(groups)
+
     def sample(self, n_functions: int, generator: torch.Generator) -> ClassificationProblem:
         init = [self.init_std * torch.randn(n_functions, *shape, generator=generator) for shape in self.model.shapes()]
         seed = int(torch.randint(2**62, (), generator=generator))
         return ClassificationProblem(images=self.dataset.images, labels=self.dataset.labels, init=init,
-                                     model=self.model, batch_size=self.batch_size, seed=seed)
+                                     model=self.model, batch_size=self.batch_size, seed=seed,
+                                     sampled_functions=n_functions)
 
     def parameter_count(self) -> int:
         return sum(math.prod(shape) for shape in self.model.shapes())
@@ -189,7 +193,6 @@ class ConvTask(ClassificationTask):
     three for larger ones (CIFAR-10, MNIST), then 32 hidden units; minibatches of 32."""
 
     name = "conv"
-    groups = ("conv", "fc")
     # Convolution makes every step several times the MLP's on the CPU: minibatches of 32 images and
     # smaller batches of functions keep meta-training to minutes on 2 cores.
     train_defaults = {"batch_size": 16, "epochs": 8, "iterations_per_epoch": 5, "lr": 2e-3, "val_functions": 64}

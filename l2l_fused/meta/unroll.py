@@ -21,6 +21,9 @@ class Trajectory:
     def __init__(self, net: Nets, problem: Problem, backend: str = "auto") -> None:
         self.problem, self.backend = problem, backend
         self.parts = net_parts(net, len(problem.params), problem.groups)
+        # Per group: (index, size, shape) of each of its parameters, to rebuild them from the flat θ.
+        self.layout = [[(i, problem.params[i].numel(), problem.params[i].shape) for i in indices]
+                       for _, indices in self.parts]
         self.step = 0
         self.thetas = [torch.cat([problem.params[i].reshape(-1) for i in indices]).detach()
                        for _, indices in self.parts]
@@ -32,10 +35,9 @@ class Trajectory:
 
     def _params(self, thetas: list[Tensor]) -> list[Tensor]:
         params: list[Tensor] = [None] * len(self.problem.params)
-        for (_, indices), theta in zip(self.parts, thetas):
-            like = [self.problem.params[i] for i in indices]
-            for i, flat, p in zip(indices, theta.split([p.numel() for p in like]), like):
-                params[i] = flat.view_as(p)
+        for layout, theta in zip(self.layout, thetas):
+            for (i, _, shape), flat in zip(layout, theta.split([size for _, size, _ in layout])):
+                params[i] = flat.view(shape)
         return params
 
     def _loss_and_grads(self, thetas: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
