@@ -24,7 +24,7 @@ from dataclasses import asdict, fields
 
 import torch
 
-from .meta import TASKS, MetaTrainer, TrainConfig, load_best_net
+from .meta import TASKS, ClassificationTask, MetaTrainer, TrainConfig, load_best_net
 from .meta.evaluate import evaluate, plot, table, write_json
 from .pretrained_nets import export, pretrained
 
@@ -75,7 +75,7 @@ def _task(args, variant_options: dict | None = None):
     cls = TASKS[args.task]
     options = dict(variant_options or {})
     if args.data is not None or args.data_dir is not None:
-        if cls is TASKS["quadratic"]:
+        if not issubclass(cls, ClassificationTask):
             raise SystemExit("--data and --data-dir are for the mlp and conv tasks")
         options.update(data=args.data or "digits", data_dir=args.data_dir)
     return cls(**options)
@@ -86,7 +86,7 @@ def _train_config(args, task) -> TrainConfig:
     return TrainConfig(**{**task.train_defaults, **given})
 
 
-def _train(args, out: str, task) -> str:
+def _train(args, out: str, task) -> tuple[str, TrainConfig]:
     config = _train_config(args, task)
     torch.manual_seed(config.seed)
     trainer = MetaTrainer(task.make_net(), task, config, backend=args.backend, device=args.device)
@@ -99,7 +99,7 @@ def _train(args, out: str, task) -> str:
     if trainer.rank == 0:
         print(f"meta-training: {time.perf_counter() - start:.1f} s; best validation loss {state.best_val:.4g} "
               f"at epoch {state.best_epoch}; checkpoint {checkpoint}")
-    return checkpoint
+    return checkpoint, config
 
 
 def _variants(args) -> list[str]:
@@ -175,12 +175,11 @@ def main(argv=None) -> int:
         _evaluate(args, out, net, source, args.seed, args.steps, {})
     else:
         task = _task(args)
-        checkpoint = _train(args, out, task)
+        checkpoint, config = _train(args, out, task)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()  # rank 0's last checkpoint is written
             torch.distributed.destroy_process_group()
         if args.command == "run" and rank == 0:
-            config = _train_config(args, task)
             extra = {"train_config": asdict(config), "command": shlex.join(["python", "-m", "l2l_fused", *(argv or sys.argv[1:])])}
             _evaluate(args, out, load_best_net(checkpoint), checkpoint, config.seed, config.steps, extra)
     print(f"total {time.perf_counter() - start:.1f} s")

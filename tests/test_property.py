@@ -49,10 +49,9 @@ def test_optimizer_matches_reference_and_never_corrupts(backend, problem):
         for p, g in zip(params, grads):
             p.grad = g.clone()
         thetas = [p.detach().clone().flatten() for p in params]
-        hs = [opt.state[p]["h"].clone() if opt.state[p] else torch.zeros(2, p.numel(), 20, dtype=state_dtype)
-              for p in params]
-        cs = [opt.state[p]["c"].clone() if opt.state[p] else torch.zeros(2, p.numel(), 20, dtype=state_dtype)
-              for p in params]
+        states = [(opt.state[p]["h"].clone(), opt.state[p]["c"].clone()) if opt.state[p]
+                  else net.init_state(p.numel(), dtype=state_dtype) for p in params]
+        hs, cs = [h for h, _ in states], [c for _, c in states]
         opt.step()
         total += check_step_skipping(net, thetas, [g.flatten() for g in grads], hs, cs,
                                      [p.detach().flatten() for p in params], [opt.state[p]["h"] for p in params],

@@ -1,7 +1,7 @@
 """Meta-training: tasks, the unrolled trajectory, the trainer, the tuned baselines, evaluation."""
 
 from .baselines import BASELINES, baseline_losses, lr_grid, optimizer_losses, tune
-from .classification import ConvTask, MLPTask
+from .classification import ClassificationTask, ConvTask, MLPTask
 from .data import Dataset, DataError, load_cifar10, load_dataset, load_digits, load_mnist, read_idx
 from .nets import l2l_param_groups, net_config, net_from_config
 from .tasks import Problem, QuadraticTask, Task
@@ -11,7 +11,8 @@ from .unroll import Trajectory, learned_losses
 TASKS: dict[str, type[Task]] = {"quadratic": QuadraticTask, "mlp": MLPTask, "conv": ConvTask}
 
 __all__ = [
-    "BASELINES", "baseline_losses", "lr_grid", "optimizer_losses", "tune", "ConvTask", "MLPTask", "Dataset",
+    "BASELINES", "baseline_losses", "lr_grid", "optimizer_losses", "tune", "ClassificationTask", "ConvTask",
+    "MLPTask", "Dataset",
     "DataError", "load_cifar10", "load_dataset", "load_digits", "load_mnist", "read_idx", "l2l_param_groups",
     "net_config", "net_from_config", "Problem", "QuadraticTask", "Task", "TASKS", "MetaTrainer", "TrainConfig",
     "load_best_net", "Trajectory", "learned_losses",
