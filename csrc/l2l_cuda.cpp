@@ -1,4 +1,4 @@
-// Tensors to CUDA launches: the launch table, the stream, the partial-sum buffer.
+// Tensors to CUDA launches: the launch tables, the stream, the partial-sum buffer.
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -21,22 +21,26 @@ int dtype_code(at::ScalarType t) {
 
 void forward_cuda(const std::vector<Row>& rows, const at::Tensor& weights, const NetShape& s, int64_t* skipped) {
   const c10::cuda::CUDAGuard guard(weights.device());
-  // The table goes up from pinned memory without making the host wait for the GPU.
-  auto host = at::empty({static_cast<int64_t>(rows.size()), kTableColumns},
-                        at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  int64_t* t = host.data_ptr<int64_t>();
-  int64_t first = 0;
-  for (size_t r = 0; r < rows.size(); ++r, t += kTableColumns) {
-    for (int i = 0; i < 7; ++i) t[i] = reinterpret_cast<int64_t>(rows[r][i].data_ptr());
-    t[7] = rows[r][0].numel();
-    t[8] = dtype_code(rows[r][0].scalar_type());
-    t[9] = first;
-    first += (t[7] + kForwardBlock - 1) / kForwardBlock;
+  const bool bf16_state = rows.front()[3].scalar_type() == at::kBFloat16;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  LaunchTable table;
+  table.count = 0;
+  int64_t blocks = 0;
+  auto launch = [&] {
+    C10_CUDA_CHECK(launch_forward(table, blocks, weights.const_data_ptr<float>(), s, bf16_state, skipped, stream));
+    table.count = 0;
+    blocks = 0;
+  };
+  for (const Row& row : rows) {
+    int64_t* t = table.rows[table.count++];
+    for (int i = 0; i < 7; ++i) t[i] = reinterpret_cast<int64_t>(row[i].data_ptr());
+    t[7] = row[0].numel();
+    t[8] = dtype_code(row[0].scalar_type());
+    t[9] = blocks;
+    blocks += (t[7] + kForwardBlock - 1) / kForwardBlock;
+    if (table.count == kRowsPerLaunch) launch();
   }
-  auto table = host.to(weights.device(), /*non_blocking=*/true);
-  C10_CUDA_CHECK(launch_forward(table.const_data_ptr<int64_t>(), static_cast<int>(rows.size()), first,
-                                weights.const_data_ptr<float>(), s, rows.front()[3].scalar_type() == at::kBFloat16,
-                                skipped, c10::cuda::getCurrentCUDAStream()));
+  if (table.count > 0) launch();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad, const at::Tensor& h,

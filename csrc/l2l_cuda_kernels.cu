@@ -3,9 +3,10 @@
 //
 // One thread per coordinate, 128 to a block; the packed weights (l2l_math.h) are copied into shared memory
 // once per block when they fit (every thread reads the same weight at the same time: a broadcast), and read
-// through L1 otherwise. Forward: one launch for every tensor of a param group, through a table with a row
-// per tensor (the same ten columns as the Triton launcher: θ in, θ out, ∇, h in, h out, c in, c out
-// addresses, size, dtype code, first block); a block finds its row by binary search on the first blocks.
+// through L1 otherwise. Forward: one launch for up to 256 tensors of a param group, through a table with a
+// row per tensor (the same ten columns as the Triton launcher: θ in, θ out, ∇, h in, h out, c in, c out
+// addresses, size, dtype code, first block) that is the kernel's parameter; a block finds its row by binary
+// search on the first blocks.
 // Backward: a fixed number of blocks (at most kMaxBackwardBlocks, whatever the GPU) walk tiles of 128
 // coordinates in a fixed order; each tile's weight gradients are reduced in shared memory and added into the
 // block's own row of a partial-sum buffer, so the final sum over rows is deterministic, without atomics.
@@ -56,17 +57,20 @@ __device__ __forceinline__ const float* stage_weights(const float* weights, int6
 }
 
 template <int H_CT, typename S>
-__global__ void __launch_bounds__(kThreads) forward_kernel(const int64_t* table, int rows, const float* weights,
-                                                           int64_t packed, bool weights_in_shared, NetShape s,
+__global__ void __launch_bounds__(kThreads) forward_kernel(const __grid_constant__ LaunchTable table,
+                                                           const float* weights, int64_t packed,
+                                                           bool weights_in_shared, NetShape s,
                                                            unsigned long long* skipped) {
   extern __shared__ float shared[];
   const float* w = stage_weights(weights, packed, weights_in_shared, shared);
-  int lo = 0, hi = rows - 1;  // the last row whose first block is <= this block (empty tensors have none)
+  // __grid_constant__: the rows are read where the parameter lives (the constant bank, where a block's
+  // uniform reads broadcast), not copied per thread.
+  int lo = 0, hi = table.count - 1;  // the last row whose first block is <= this block (empty tensors have none)
   while (lo < hi) {
     const int mid = (lo + hi + 1) / 2;
-    if (table[mid * kTableColumns + 9] <= static_cast<int64_t>(blockIdx.x)) lo = mid; else hi = mid - 1;
+    if (table.rows[mid][9] <= static_cast<int64_t>(blockIdx.x)) lo = mid; else hi = mid - 1;
   }
-  const int64_t* row = table + lo * kTableColumns;
+  const int64_t* row = table.rows[lo];
   const int64_t numel = row[7];
   const int64_t n = (static_cast<int64_t>(blockIdx.x) - row[9]) * kThreads + threadIdx.x;
   if (n >= numel) return;
@@ -180,7 +184,7 @@ cudaError_t allow_shared(Kernel kernel, size_t bytes) {
 
 bool weights_fit_shared(const NetShape& s) { return packed_size(s) * sizeof(float) <= kWeightsSharedBytes; }
 
-cudaError_t launch_forward(const int64_t* table, int rows, int64_t blocks, const float* weights, const NetShape& s,
+cudaError_t launch_forward(const LaunchTable& table, int64_t blocks, const float* weights, const NetShape& s,
                            bool bf16_state, int64_t* skipped, cudaStream_t stream) {
   if (blocks == 0) return cudaSuccess;
   const bool in_shared = weights_fit_shared(s);
@@ -189,7 +193,7 @@ cudaError_t launch_forward(const int64_t* table, int rows, int64_t blocks, const
     auto kernel = forward_kernel<decltype(hidden)::value, decltype(state)>;
     cudaError_t err = allow_shared(kernel, bytes);
     if (err != cudaSuccess) return err;
-    kernel<<<static_cast<unsigned>(blocks), kThreads, bytes, stream>>>(table, rows, weights, packed_size(s), in_shared, s,
+    kernel<<<static_cast<unsigned>(blocks), kThreads, bytes, stream>>>(table, weights, packed_size(s), in_shared, s,
                                                                      reinterpret_cast<unsigned long long*>(skipped));
     return cudaGetLastError();
   });

@@ -11,14 +11,23 @@
 namespace l2l {
 
 constexpr int kTableColumns = 10;        // θ in, θ out, ∇, h in, h out, c in, c out, size, dtype code, first block
+constexpr int kRowsPerLaunch = 256;      // tensors per forward launch: a 20 KB table
 constexpr int kForwardBlock = 128;       // coordinates per block
 constexpr int kMaxBackwardBlocks = 1024; // fixed, so the weight-gradient sums are the same on any GPU
 constexpr size_t kWeightsSharedBytes = 96 * 1024;
 
+// The forward launch's table, passed by value as the kernel's parameter (CUDA 12.1 allows 32 KB of them),
+// as PyTorch's fused optimizers pass their tensor lists: nothing is uploaded, so a CUDA graph captures the
+// table with the launch and replays it as it was. A group of more tensors takes one launch per 256.
+struct LaunchTable {
+  int64_t rows[kRowsPerLaunch][kTableColumns];  // first blocks (column 9) count from this launch's first
+  int count;
+};
+
 bool weights_fit_shared(const NetShape& s);
 int backward_blocks(int64_t n);
 // skipped: nullptr, or an int64 on the device that counts (and so skips) coordinates whose ∇ is NaN or ±inf.
-cudaError_t launch_forward(const int64_t* table, int rows, int64_t blocks, const float* weights, const NetShape& s,
+cudaError_t launch_forward(const LaunchTable& table, int64_t blocks, const float* weights, const NetShape& s,
                            bool bf16_state, int64_t* skipped, cudaStream_t stream);
 // partial: [backward_blocks(n), packed_size(s)] zeros; its column sums are the packed weight gradients.
 cudaError_t launch_backward(const float* grad, const void* h, const void* c, const float* dtheta,

@@ -109,6 +109,19 @@ def test_optimizer_equals_the_reference_backend(seed, fused, state_dtype):
             assert_within(fast.state[p][key], ref, F32_TOL * (1 + ref.abs()) + 2 * UNIT_ROUNDOFF[state_dtype] * ref.abs(), key)
 
 
+def test_group_of_more_tensors_than_one_launch_table_holds(seed, fused):
+    """300 tensors, empty ones among them: the native CUDA kernel takes its table as a kernel parameter,
+    256 rows at most, so this group takes two launches; every tensor must get the reference's step."""
+    name, device = fused
+    net = random_net().to(device)
+    sizes = [0 if i % 97 == 5 else 1 + i % 9 for i in range(300)]
+    thetas, grads, hs, cs = group_inputs(net, sizes, torch.float32, device)
+    outs = [[t.clone() for t in ts] for ts in (thetas, hs, cs)]
+    skipped = torch.zeros((), dtype=torch.int64, device=device)
+    backends.resolve(name, device, net).group_step(net, *outs[:1], grads, *outs[1:], skipped)
+    check_step(net, thetas, grads, hs, cs, *outs, torch.float32)
+
+
 def test_optimizer_skips_params_without_grad_and_handles_strided_ones(seed, fused):
     name, device = fused
     net = random_net().to(device)
