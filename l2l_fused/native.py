@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, capture
 from .fused import Kernels, float32_problem, fused_step, size_problem
 
 try:
@@ -82,7 +82,9 @@ _PACKED: dict[int, _PackedCache] = {}
 
 
 def group_step(net, params, grads, hs, cs, skipped):
-    if torch.compiler.is_compiling():  # traced: the packing joins the graph (a version check cannot)
+    if torch.compiler.is_compiling() or capture.capturing():
+        # Traced or captured, the packing joins the graph, so every run of it packs φ as it is then: the
+        # cache's version check is host code, which neither a compiled graph nor a CUDA-graph replay repeats.
         with torch.no_grad():
             packed = pack(net).to(params[0].device)
     else:

@@ -1,29 +1,28 @@
 """The fused forward step in Triton: preprocessing, L LSTM layers, head and update in one kernel.
 
-Reads top to bottom: forward kernel → launch tables → launcher → custom op (the optimizer's in-place group
-step). The reference it must match is :func:`l2l_fused.reference.l2l_update_ref`; the per-coordinate math
-is in :mod:`l2l_fused.triton_math`, shared with the backward.
+Reads top to bottom: forward kernel → launcher → custom op (the optimizer's in-place group step). The
+reference it must match is :func:`l2l_fused.reference.l2l_update_ref`; the per-coordinate math is in
+:mod:`l2l_fused.triton_math`, shared with the backward.
 
 One launch covers every tensor of a param group, whatever their shapes and dtypes: the launcher writes a
 table with one row per tensor (addresses of θ in/out, ∇, h in/out, c in/out, its size, dtype code and
 first block) and a block→tensor map, as PyTorch's fused Adam and apex's multi_tensor_apply do. A program
 takes one block of ``BLOCK_N`` coordinates of one tensor, so it branches on that tensor's dtype once,
 uniformly, and nothing is copied or concatenated: θ, ∇ and the state are read and written where they
-live. The tables depend only on addresses and sizes, so they are cached; a step whose tensors did not
-move is exactly one kernel launch.
+live. The tables are cached (:mod:`l2l_fused.launch_tables`, which also keeps them valid under CUDA-graph
+capture): a step whose tensors did not move is exactly one kernel launch.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections import OrderedDict
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from .fused import float32_problem, size_problem
+from .launch_tables import DTYPE_CODES, LaunchTables
 from .triton_math import triton
 
 if triton is not None:
@@ -31,9 +30,6 @@ if triton is not None:
 
     from .triton_math import _features, _gates, _load_f32, _store_theta_plus, _tanh, _to_state  # noqa: F401
 
-# The launch table has one row per tensor, ten int64 columns: addresses of θ in, θ out, ∇, h in, h out,
-# c in, c out, then the size, the dtype code and the tensor's first block.
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 
 MAX_HIDDEN = 64
@@ -102,64 +98,7 @@ if triton is not None:
         _store_theta_plus(tl.load(row + 0), tl.load(row + 1), offs, write, code, delta)
 
 
-# ---------------------------------------------------------------------------------------------- tables
-
-class _LRU(OrderedDict):
-    def __init__(self, capacity: int) -> None:
-        super().__init__()
-        self.capacity = capacity
-
-    def put(self, key, value):
-        self[key] = value
-        if len(self) > self.capacity:
-            self.popitem(last=False)
-        return value
-
-    def hit(self, key):
-        value = self.get(key)
-        if value is not None:
-            self.move_to_end(key)
-        return value
-
-
-def _upload(host: Tensor, device: torch.device) -> Tensor:
-    """Host → device without waiting for the device: from pinned memory, asynchronously (a pageable copy
-    would make the host wait for all queued GPU work, every time a table changes)."""
-    if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
-
-
-class _LaunchTables:
-    """Device tables, cached. The block→tensor map depends on the sizes only; the pointer table on every
-    address, size and dtype it encodes, so a hit is exact. Gradients that are new tensors each step (as
-    after ``zero_grad(set_to_none=True)``) usually come back at the same addresses from PyTorch's caching
-    allocator; when they do not, the new table goes up asynchronously, and the step is still one launch."""
-
-    def __init__(self, capacity: int = 16) -> None:
-        self.pointers = _LRU(capacity)
-        self.blocks = _LRU(capacity)
-
-    def get(self, rows: list[tuple[Tensor, ...]], block_n: int, device: torch.device) -> tuple[Tensor, Tensor, int]:
-        sizes = tuple(row[0].numel() for row in rows)
-        block_key = (device, block_n, sizes)
-        blocks = self.blocks.hit(block_key)
-        if blocks is None:
-            counts = [triton.cdiv(n, block_n) for n in sizes]
-            block_tensor = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32), torch.tensor(counts))
-            blocks = self.blocks.put(block_key, (_upload(block_tensor, device), sum(counts), counts))
-        block_tensor, num_blocks, counts = blocks
-        key = (device, block_n) + tuple((t.data_ptr(), t.numel(), t.dtype) for r in rows for t in r)
-        table = self.pointers.hit(key)
-        if table is None:
-            firsts = [0] + list(itertools.accumulate(counts))[:-1]
-            host = torch.tensor([[t.data_ptr() for t in row] + [n, DTYPE_CODES[row[0].dtype], first]
-                                 for row, n, first in zip(rows, sizes, firsts)], dtype=torch.int64)
-            table = self.pointers.put(key, _upload(host, device))
-        return table, block_tensor, num_blocks
-
-
-_TABLES = _LaunchTables()
+_TABLES = LaunchTables()
 
 
 # -------------------------------------------------------------------------------------------- launcher
