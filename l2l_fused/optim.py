@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
-from . import backends
+from . import backends, capture
 from .net import LSTMOptimizerNet
 
 _STATE_KEYS = ("h", "c")
@@ -27,6 +27,11 @@ def _check_net(net, where: str) -> None:
 def _check_state_dtype(dtype, where: str) -> None:
     if dtype not in STATE_DTYPES:
         raise ValueError(f"{where} must be one of {list(STATE_DTYPES)}, got {dtype!r}")
+
+
+def _check_capturable(value, where: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{where} must be a bool, got {value!r}")
 
 
 def _local(t: Tensor) -> Tensor:
@@ -60,6 +65,13 @@ class L2LOptimizer(Optimizer):
         state_dtype: ``torch.float32`` (default) or ``torch.bfloat16``, which halves the state's memory
             and traffic (the math stays float32; h and c are rounded to bfloat16 when stored). Changing it
             on a group converts that group's state at its next step.
+        capturable: lets ``step()`` be captured in a CUDA graph and replayed. The group's state (for every
+            parameter that requires grad) and the skipped-coordinate counter are made here, not at the
+            first step, so no step allocates them: the optimizer's first step may be captured (once the
+            Triton kernel is compiled, which its first launch does: PyTorch's warm-up recipe sees to it).
+            A capture checks that everything a replay reads exists and lives where the graph runs, and
+            raises otherwise; ``load_state_dict`` writes into the state tensors a graph reads. Without it,
+            capturing ``step()`` raises, as for ``torch.optim`` optimizers.
     """
 
     def __init__(
@@ -68,13 +80,15 @@ class L2LOptimizer(Optimizer):
         net: Optional[LSTMOptimizerNet] = None,
         backend: str = "auto",
         state_dtype: torch.dtype = torch.float32,
+        capturable: bool = False,
     ) -> None:
         if net is not None:
             _check_net(net, "net")
         backends.check_name(backend, net)
         _check_state_dtype(state_dtype, "state_dtype")
-        super().__init__(params, {"net": net, "backend": backend, "state_dtype": state_dtype})
+        _check_capturable(capturable, "capturable")
         self._skipped: dict[torch.device, Tensor] = {}  # per device: coordinates skipped for a non-finite ∇
+        super().__init__(params, {"net": net, "backend": backend, "state_dtype": state_dtype, "capturable": capturable})
         # The net is a module, not a hyperparameter: a state dict carries its config only, so it stays
         # loadable with torch.load(weights_only=True) and is checked against the net on load.
         self.register_state_dict_post_hook(_nets_to_configs, prepend=True)
@@ -85,18 +99,26 @@ class L2LOptimizer(Optimizer):
         _check_net(net, f"param group {index}")
         backends.check_name(param_group.get("backend", self.defaults["backend"]), net)
         _check_state_dtype(param_group.get("state_dtype", self.defaults["state_dtype"]), f"param group {index}: state_dtype")
+        _check_capturable(param_group.get("capturable", self.defaults["capturable"]), f"param group {index}: capturable")
         super().add_param_group(param_group)
-        for p in self.param_groups[-1]["params"]:
+        group = self.param_groups[-1]
+        for p in group["params"]:
             if not p.is_floating_point():
                 self.param_groups.pop()
                 raise ValueError(f"params: L2LOptimizer needs real floating-point parameters, got one of dtype {p.dtype}")
+        if group["capturable"]:
+            for p in group["params"]:
+                if p.requires_grad:
+                    self._state_of(group, p)
+                    self._counter(p.device)
 
     def _plan(self):
         """Validate every group's gradients and state before anything is written.
 
-        Returns ``(group, backend, params)`` per group and device. A bad gradient raises here, leaving all
-        parameters and state as they were.
+        Returns ``(group, backend, params)`` per group and device. A bad gradient, or a capture that a
+        replay could not repeat, raises here, leaving all parameters and state as they were.
         """
+        graph = capture.capturing()
         plan = []
         for index, group in enumerate(self.param_groups):
             net = group["net"]
@@ -119,10 +141,38 @@ class L2LOptimizer(Optimizer):
                         f"parameter ({tuple(p.shape)}) and net need {list(_state_shape(net, p))}; a parameter "
                         "cannot change shape, nor a group its net size, while keeping its state"
                     )
+                if graph:
+                    self._check_replayable(index, group, p)
                 by_device[p.device].append(p)
             for device, params in by_device.items():
                 plan.append((group, backends.resolve(group["backend"], device, net), params))
         return plan
+
+    def _check_replayable(self, index: int, group: dict, p: Tensor) -> None:
+        """Under CUDA-graph capture: what a replay of this step reads must already exist, on the GPU."""
+        where = f"CUDA graph capture of L2LOptimizer.step(): param group {index}"
+        if not group["capturable"]:
+            raise RuntimeError(f"{where} has capturable=False; make the optimizer with capturable=True")
+        state = self.state.get(p)
+        if not state or state["h"].dtype != group["state_dtype"] or p.device not in self._skipped:
+            raise RuntimeError(
+                f"{where} has a parameter without its {group['state_dtype']} state (it did not require grad "
+                "when the group was added, or state_dtype changed since): run one step() before capturing, so "
+                "that no captured step makes it (the graph would remake it at every replay)"
+            )
+        if p.device.type != "cuda":
+            raise RuntimeError(f"{where} has a parameter on {p.device}; a CUDA graph replays CUDA work only")
+        weight = group["net"].head.weight
+        if weight.device != p.device:
+            raise RuntimeError(
+                f"{where} has its net on {weight.device}, its parameters on {p.device}; a replay would copy φ "
+                "every time: move the net (net.to(device)) before capturing"
+            )
+
+    def _counter(self, device: torch.device) -> Tensor:
+        if device not in self._skipped:
+            self._skipped[device] = torch.zeros((), dtype=torch.int64, device=device)
+        return self._skipped[device]
 
     def _state_of(self, group: dict, p: Tensor) -> dict:
         state, dtype = self.state[p], group["state_dtype"]
@@ -145,12 +195,9 @@ class L2LOptimizer(Optimizer):
                 loss = closure()
         for group, impl, params in self._plan():
             states = [self._state_of(group, p) for p in params]
-            device = params[0].device
-            if device not in self._skipped:
-                self._skipped[device] = torch.zeros((), dtype=torch.int64, device=device)
             impl.group_step(  # under FSDP2 each rank steps (and keeps state for) its own shards only
                 group["net"], [_local(p) for p in params], [_local(p.grad) for p in params], [s["h"] for s in states],
-                [s["c"] for s in states], self._skipped[device],
+                [s["c"] for s in states], self._counter(params[0].device),
             )
         return loss
 
@@ -176,7 +223,9 @@ class L2LOptimizer(Optimizer):
         ``torch.optim.Optimizer.load_state_dict`` would cast state to each parameter's dtype (rounding a
         float32 state to a bfloat16 parameter's precision), so this one is written out. Everything is
         checked before anything is replaced: a state dict for another layout or net raises ``ValueError``
-        and leaves the optimizer as it was.
+        and leaves the optimizer as it was. A capturable group keeps its ``capturable`` and its state tensors:
+        the loaded state is copied into them (a parameter the state dict has no state for starts from zeros
+        again), so a graph captured before the load replays from the loaded state.
         """
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
@@ -222,8 +271,19 @@ class L2LOptimizer(Optimizer):
             new_group = {k: v for k, v in saved.items() if k not in ("params", "net")}
             for key, default in self.defaults.items():  # options newer than the state dict
                 new_group.setdefault(key, default)
-            new_group.update(params=group["params"], net=group["net"])
+            # Whether steps are captured is this process's business, not the checkpoint's.
+            new_group.update(params=group["params"], net=group["net"], capturable=group["capturable"])
             new_groups.append(new_group)
+            if group["capturable"]:  # into the tensors a captured graph reads (unless the dtype changes)
+                for p in group["params"]:
+                    live, loaded = self.state.get(p), state.get(p)
+                    if live and (loaded is None or loaded["h"].dtype == live["h"].dtype):
+                        for key in _STATE_KEYS:
+                            if loaded is None:
+                                live[key].zero_()
+                            else:
+                                live[key].copy_(loaded[key])
+                        state[p] = live
         self.__setstate__({"state": state, "param_groups": new_groups})
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)

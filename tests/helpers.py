@@ -134,3 +134,19 @@ def check_step_skipping(net, thetas, grads, hs, cs, theta_outs, h_outs, c_outs, 
     check_step(net, pick(thetas), pick(grads), pick(hs, 1), pick(cs, 1), pick(theta_outs), pick(h_outs, 1),
                pick(c_outs, 1), state_dtype)
     return sum(int((~m).sum()) for m in good)
+
+
+def snapshot(opt, params):
+    """Copies of the parameters' values and of an optimizer's whole state, for :func:`assert_unchanged`."""
+    return [p.detach().clone() for p in params], {p: {k: t.clone() for k, t in s.items()} for p, s in opt.state.items()}
+
+
+def assert_unchanged(opt, params, snapshot):
+    """Nothing lost: the parameters and the optimizer's state are bit for bit what ``snapshot`` saw."""
+    values, state = snapshot
+    for p, v in zip(params, values):
+        assert torch.equal(p, v)
+    assert set(opt.state) == set(state)
+    for p, s in state.items():
+        for k, t in s.items():
+            assert torch.equal(opt.state[p][k], t)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from l2l_fused import L2LOptimizer, LSTMOptimizerNet, available_backends, l2l_update_ref
-from helpers import adversarial_grad, grad_for, random_net
+from helpers import adversarial_grad, assert_unchanged, grad_for, random_net, snapshot
 
 
 def _params(shapes, dtype=torch.float32):
@@ -151,32 +151,18 @@ def test_closure_runs_with_grad_enabled_and_its_loss_is_returned(seed):
     assert model.weight.grad is None
 
 
-def _snapshot(opt, params):
-    return [p.detach().clone() for p in params], {p: {k: t.clone() for k, t in s.items()} for p, s in opt.state.items()}
-
-
-def _assert_unchanged(opt, params, snapshot):
-    values, state = snapshot
-    for p, v in zip(params, values):
-        assert torch.equal(p, v)
-    assert set(opt.state) == set(state)
-    for p, s in state.items():
-        for k, t in s.items():
-            assert torch.equal(opt.state[p][k], t)
-
-
 def test_bad_gradients_raise_and_change_nothing(seed):
     net = random_net()
     a, b = _params([(4,), (3, 2)])
     opt = L2LOptimizer([a, b], net=net)
     _set_grads([a, b])
     opt.step()
-    snapshot = _snapshot(opt, [a, b])
+    before = snapshot(opt, [a, b])
     _set_grads([a])
     b.grad = torch.randn(3, 2).to_sparse()
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()
-    _assert_unchanged(opt, [a, b], snapshot)
+    assert_unchanged(opt, [a, b], before)
     b.grad = None
     old_b = b.data
     b.data = torch.randn(7)  # a parameter resized under the optimizer: its state no longer fits
@@ -184,7 +170,7 @@ def test_bad_gradients_raise_and_change_nothing(seed):
     with pytest.raises(ValueError, match="cannot change shape"):
         opt.step()
     b.data = old_b
-    _assert_unchanged(opt, [a, b], snapshot)
+    assert_unchanged(opt, [a, b], before)
 
 
 def test_constructor_errors():
@@ -210,7 +196,7 @@ def test_load_state_dict_rejects_another_layout_or_net(seed):
     _set_grads([a, b])
     opt.step()
     sd = copy.deepcopy(opt.state_dict())
-    snapshot = _snapshot(opt, [a, b])
+    before = snapshot(opt, [a, b])
 
     other = L2LOptimizer([a, b], net=random_net(hidden_size=8))
     with pytest.raises(ValueError, match="saved for a net"):
@@ -227,7 +213,7 @@ def test_load_state_dict_rejects_another_layout_or_net(seed):
     with pytest.raises(ValueError, match=r"needs \[2, 6, 20\]"):
         wrong_shape.load_state_dict(sd)
     assert not wrong_shape.state
-    _assert_unchanged(opt, [a, b], snapshot)
+    assert_unchanged(opt, [a, b], before)
 
 
 @pytest.mark.parametrize("backend", ["reference", "native"])
