@@ -22,8 +22,8 @@ for stage in $stages; do
             # Without the caching allocator every tensor is its own allocation, so memcheck sees an
             # out-of-bounds access instead of a read of a neighbour inside the pool.
             PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 \
-                python -m pytest tests/test_triton_step.py tests/test_fused_backends.py -q -x -p no:cacheprovider \
-                -k "launch or group_step or optimizer or unrolled or repeated" \
+                python -m pytest tests/test_triton_step.py tests/test_fused_backends.py tests/test_capture.py -q -x \
+                -p no:cacheprovider -k "launch or group_step or optimizer or unrolled or repeated or captured" \
                 2>&1 | tee "$OUT/sanitizer.log" | tail -8 ;;
         bench-step)
             timeout 330 python bench/bench_step.py --sizes 1e6 1e7 1e8 --model ${STEP_OPTIONS:-} --out "$OUT/step.json" \

@@ -148,5 +148,12 @@ TORCH_LIBRARY_IMPL(l2l_fused, CUDA, m) {
 PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "Native kernels of l2l_fused; the ops live in torch.ops.l2l_fused.",
                                -1, nullptr, nullptr, nullptr, nullptr, nullptr};
-  return PyModule_Create(&module);
+  PyObject* m = PyModule_Create(&module);
+  // The sizes the kernels take, for Python to refuse a net early (l2l_fused/native.py) from one source.
+  if (m != nullptr && (PyModule_AddIntConstant(m, "MAX_LAYERS", l2l::kMaxLayers) != 0 ||
+                       PyModule_AddIntConstant(m, "MAX_HIDDEN", l2l::kMaxHidden) != 0)) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }

@@ -18,7 +18,7 @@ from . import backends, capture
 from .fused import Kernels, float32_problem, fused_step, size_problem
 
 try:
-    from . import _C  # noqa: F401  (loading it registers the ops)
+    from . import _C  # loading it registers the ops
 
     BUILD_ERROR: Optional[BaseException] = None
 except ImportError as error:  # not built, or built against another torch
@@ -28,7 +28,6 @@ BUILD_HINT = (
     "build it with `pip install -e . --no-build-isolation` in the repository (needs CMake, ninja and a C++17 "
     "compiler; nvcc for the CUDA kernel; L2L_BUILD_NATIVE=1 turns a failed build into an error)"
 )
-MAX_LAYERS, MAX_HIDDEN = 3, 64
 
 
 def has_cuda_kernel() -> bool:
@@ -46,7 +45,9 @@ def _unavailable_reason(device: torch.device) -> str:
 
 
 def _supports(net) -> Optional[str]:
-    return float32_problem(net) or size_problem(net.num_layers, net.hidden_size, MAX_LAYERS, MAX_HIDDEN)
+    if BUILD_ERROR is not None:  # the sizes come from the extension; without it, resolving says why
+        return float32_problem(net)
+    return float32_problem(net) or size_problem(net.num_layers, net.hidden_size, _C.MAX_LAYERS, _C.MAX_HIDDEN)
 
 
 def pack(net) -> Tensor:

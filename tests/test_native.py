@@ -30,6 +30,20 @@ def test_auto_picks_native_on_cpu():
 
 
 @built
+def test_nets_the_kernels_cannot_run_are_refused_when_the_optimizer_is_made():
+    """The limits come from the extension (the C++ constants the kernels are compiled with)."""
+    from l2l_fused import _C
+
+    assert (_C.MAX_LAYERS, _C.MAX_HIDDEN) == (3, 64)
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match="backend 'native': runs hidden_size up to 64, not 65"):
+        L2LOptimizer([p], net=random_net(hidden_size=65), backend="native")
+    with pytest.raises(ValueError, match="backend 'native': runs 1 to 3 layers, not 4"):
+        L2LOptimizer([p], net=random_net(num_layers=4), backend="native")
+    assert backends.resolve("auto", "cpu", random_net(num_layers=4)).name == "reference"
+
+
+@built
 def test_ops_pass_opcheck(seed):
     net = random_net()
     theta, grad, h, c, packed, *shape = _op_args(net, 300)
