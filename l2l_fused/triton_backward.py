@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .fused import Kernels
 from .triton_math import triton
-from .triton_step import BLOCK_N, DOT_PRECISION, NUM_WARPS, _check_weights, launch_forward
+from .triton_step import BLOCK_N, DOT_PRECISION, NUM_WARPS, _check_weights, flat_weights, launch_forward
 
 if triton is not None:
     import triton.language as tl
@@ -231,8 +231,4 @@ def _forward(theta, grad, h, c, weights, preprocess_p, output_scale):
     return theta_out, h_out, c_out
 
 
-def _weights(net) -> list[Tensor]:
-    return [w.contiguous() for cell in net.cell_weights() for w in cell] + [net.head.weight, net.head.bias]
-
-
-KERNELS = Kernels(name="triton", weights=_weights, forward=_forward, backward=launch_backward)
+KERNELS = Kernels(name="triton", weights=flat_weights, forward=_forward, backward=launch_backward)

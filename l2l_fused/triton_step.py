@@ -188,13 +188,18 @@ def forward_block(padded_hidden: int) -> int:
     return BLOCK_N if padded_hidden < 64 else 32
 
 
+def flat_weights(net) -> list[Tensor]:
+    """φ in the kernels' order, ``[w_ih, w_hh, b_ih, b_hh] * L + [head_w, head_b]``, contiguous and still
+    differentiable (meta-training's autograd Function takes them as they are)."""
+    return [w.contiguous() for cell in net.cell_weights() for w in cell] + [net.head.weight, net.head.bias]
+
+
 def net_weights(net, device: torch.device) -> list[Tensor]:
-    """φ as the kernels read it: ``[w_ih, w_hh, b_ih, b_hh] * L + [head_w, head_b]``, float32 on device.
+    """:func:`flat_weights` as the optimizer's step reads them: detached, float32 on ``device``.
 
     Free (no copy, no launch) when the net already lives there in float32.
     """
-    flat = [w for cell in net.cell_weights() for w in cell] + [net.head.weight, net.head.bias]
-    return [w.detach().to(device=device, dtype=torch.float32).contiguous() for w in flat]
+    return [w.detach().to(device=device, dtype=torch.float32).contiguous() for w in flat_weights(net)]
 
 
 # ------------------------------------------------------------------------------------------- custom op
