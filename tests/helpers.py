@@ -14,9 +14,10 @@ from __future__ import annotations
 import copy
 import math
 
+import pytest
 import torch
 
-from l2l_fused import LSTMOptimizerNet, l2l_update_ref
+from l2l_fused import LSTMOptimizerNet, available_backends, l2l_update_ref
 
 F32_TOL = 1e-5
 UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -150,3 +151,12 @@ def assert_unchanged(opt, params, snapshot):
     for p, s in state.items():
         for k, t in s.items():
             assert torch.equal(opt.state[p][k], t)
+
+
+def backend_or_skip(name: str, device: str) -> tuple[str, torch.device]:
+    """``(name, device)`` where that backend runs here; the calling test is skipped otherwise."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if name not in available_backends(device):
+        pytest.skip(f"{name} is not available on {device} here")
+    return name, torch.device(device)

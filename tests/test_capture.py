@@ -12,7 +12,7 @@ import torch
 
 from l2l_fused import L2LOptimizer, available_backends, capture
 from l2l_fused.launch_tables import LaunchTables
-from helpers import F32_TOL, adversarial_grad, assert_unchanged, random_net, snapshot
+from helpers import F32_TOL, adversarial_grad, assert_unchanged, backend_or_skip, random_net, snapshot
 
 
 def _grads_with_nonfinite(params, generator=None):
@@ -159,9 +159,7 @@ def test_launch_tables_under_capture_are_held_and_never_served_eagerly(monkeypat
 
 @pytest.fixture(params=["triton", "native", "reference"])
 def cuda_backend(request):
-    if request.param not in available_backends("cuda"):
-        pytest.skip(f"{request.param} is not available on CUDA here")
-    return request.param
+    return backend_or_skip(request.param, "cuda")[0]
 
 
 @pytest.mark.cuda

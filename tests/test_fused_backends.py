@@ -7,32 +7,24 @@ import copy
 import pytest
 import torch
 
-from l2l_fused import L2LOptimizer, LSTMOptimizerNet, available_backends, backends
+from l2l_fused import L2LOptimizer, LSTMOptimizerNet, backends
 from l2l_fused.meta import MetaTrainer, QuadraticTask, TrainConfig
-from helpers import (CASES, F32_TOL, UNIT_ROUNDOFF, adversarial_grad, assert_within, check_step, check_step_skipping, grad_for,
-                     group_inputs, random_net, random_state)
+from helpers import (CASES, F32_TOL, UNIT_ROUNDOFF, adversarial_grad, assert_within, backend_or_skip, check_step,
+                     check_step_skipping, grad_for, group_inputs, random_net, random_state)
 
 FUSED = [("triton", "cuda"), ("triton", "cpu"), ("native", "cpu"), ("native", "cuda")]
-
-
-def _available(name, device):
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    if name not in available_backends(device):
-        pytest.skip(f"{name} is not available on {device} here")
-    return name, torch.device(device)
 
 
 @pytest.fixture(params=FUSED, ids=[f"{b}-{d}" for b, d in FUSED])
 def fused(request):
     """(backend name, device) for each fused backend and device it is available on here."""
-    return _available(*request.param)
+    return backend_or_skip(*request.param)
 
 
 @pytest.fixture(params=[("reference", "cpu")] + FUSED, ids=["reference-cpu"] + [f"{b}-{d}" for b, d in FUSED])
 def any_backend(request):
     """The fused backends, and the reference that specifies them."""
-    return _available(*request.param)
+    return backend_or_skip(*request.param)
 
 
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])

@@ -4,8 +4,8 @@ import io
 import pytest
 import torch
 
-from l2l_fused import L2LOptimizer, LSTMOptimizerNet, available_backends, l2l_update_ref
-from helpers import adversarial_grad, assert_unchanged, grad_for, random_net, snapshot
+from l2l_fused import L2LOptimizer, LSTMOptimizerNet, l2l_update_ref
+from helpers import adversarial_grad, assert_unchanged, backend_or_skip, grad_for, random_net, snapshot
 
 
 def _params(shapes, dtype=torch.float32):
@@ -218,8 +218,7 @@ def test_load_state_dict_rejects_another_layout_or_net(seed):
 
 @pytest.mark.parametrize("backend", ["reference", "native"])
 def test_nonfinite_gradients_are_skipped_and_counted_without_poisoning_the_state(seed, backend):
-    if backend not in available_backends("cpu"):
-        pytest.skip(f"{backend} is not available here")
+    backend_or_skip(backend, "cpu")
     net = random_net()
     params = _params([(6, 5), (9,)])
     opt = L2LOptimizer(params, net=net, backend=backend)
@@ -300,8 +299,7 @@ def test_state_dict_moves_between_backends(seed, saved_on, loaded_on):
     """State saved under one backend continues under another: the state layout is the public [L, N, H]
     whatever the kernel, so the runs agree to float32 rounding (different kernels, different roundings)."""
     for name in (saved_on, loaded_on):
-        if name not in available_backends("cpu"):
-            pytest.skip(f"{name} is not available on the CPU here")
+        backend_or_skip(name, "cpu")
     net = random_net()
     params = _params([(5, 3), (4,)])
     gen = torch.Generator().manual_seed(seed)

@@ -4,8 +4,8 @@ zeros) steps every finite coordinate as the float64 reference does and leaves ev
 import pytest
 import torch
 
-from l2l_fused import L2LOptimizer, available_backends
-from helpers import check_step_skipping, random_net
+from l2l_fused import L2LOptimizer
+from helpers import backend_or_skip, check_step_skipping, random_net
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -39,8 +39,7 @@ def problems(draw):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(problem=problems())
 def test_optimizer_matches_reference_and_never_corrupts(backend, problem):
-    if backend not in available_backends("cpu"):
-        pytest.skip(f"{backend} is not available here")
+    backend_or_skip(backend, "cpu")
     params, grads, state_dtype = problem
     net = random_net()
     opt = L2LOptimizer(params, net=net, backend=backend, state_dtype=state_dtype)
