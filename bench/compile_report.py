@@ -32,23 +32,27 @@ HOPPER_SHARED_PER_BLOCK = 227 * 1024  # an H100 block's opt-in maximum; a kernel
 
 def forward_signature(num_layers: int) -> dict:
     return {"table_ptr": "*i64", "block_tensor_ptr": "*i32", "cells": tuple(["*fp32"] * (4 * num_layers)),
-            "head_w_ptr": "*fp32", "head_b_ptr": "*fp32", "skipped_ptr": "*i64", "output_scale": "fp32", "inv_p": "fp32",
-            "threshold": "fp32", "exp_p": "fp32"}
+            "head_w_ptr": "*fp32", "head_b_ptr": "*fp32", "skipped_ptr": "*i64", "lr_ptr": "*fp32",
+            "output_scale": "fp32", "inv_p": "fp32", "threshold": "fp32", "exp_p": "fp32", "lr": "fp32",
+            "weight_decay": "fp32"}
 
 
 def forward_configs():
     """(name, constexprs, num_warps): the default launch over the nets the tests and the paper use; the
-    optimizer's (skipping non-finite gradients), and meta-training's forward (skip=False) for the paper's net."""
-    for layers, hidden, features, state, skip in [
-        (2, 20, 2, tl.float32, True), (2, 20, 2, tl.bfloat16, True), (1, 20, 1, tl.float32, True),
-        (3, 64, 2, tl.float32, True), (1, 33, 2, tl.bfloat16, True), (2, 5, 2, tl.float32, True),
-        (2, 20, 2, tl.float32, False),
+    optimizer's (group=True: skipping, lr, weight decay; a float lr unless lr=tensor), and meta-training's
+    forward (group=False) for the paper's net."""
+    for layers, hidden, features, state, group, lr_tensor in [
+        (2, 20, 2, tl.float32, True, False), (2, 20, 2, tl.float32, True, True), (2, 20, 2, tl.bfloat16, True, False),
+        (1, 20, 1, tl.float32, True, False), (3, 64, 2, tl.float32, True, False), (1, 33, 2, tl.bfloat16, True, False),
+        (2, 5, 2, tl.float32, True, False), (2, 20, 2, tl.float32, False, False),
     ]:
         constexprs = {"L": layers, "H": hidden, "HP": max(16, triton.next_power_of_2(hidden)), "IN": features,
                       "PREPROCESS": features == 2, "STATE_DTYPE": state,
                       "BLOCK_N": triton_step.forward_block(max(16, triton.next_power_of_2(hidden))),
-                      "DOT_PRECISION": triton_step.DOT_PRECISION, "SKIP_NONFINITE": skip}
-        yield (f"forward L={layers} H={hidden} in={features} state={state} skip={skip}", constexprs,
+                      "DOT_PRECISION": triton_step.DOT_PRECISION, "GROUP_STEP": group, "LR_TENSOR": lr_tensor,
+                      "MAXIMIZE": lr_tensor}
+        lr = " lr=tensor maximize" if lr_tensor else ""
+        yield (f"forward L={layers} H={hidden} in={features} state={state} group={group}{lr}", constexprs,
                forward_signature(layers))
 
 

@@ -54,11 +54,12 @@ void check_rows(const std::vector<Row>& rows, const at::Tensor& weights, const N
 
 namespace {
 
-void run_forward(const std::vector<Row>& rows, const at::Tensor& weights, const NetShape& s, int64_t* skipped) {
+void run_forward(const std::vector<Row>& rows, const at::Tensor& weights, const NetShape& s, int64_t* skipped,
+                 const Update& u) {
   check_rows(rows, weights, s);
-  if (weights.device().is_cpu()) return forward_cpu(rows, weights, s, skipped);
+  if (weights.device().is_cpu()) return forward_cpu(rows, weights, s, skipped, u);
 #ifdef L2L_WITH_CUDA
-  return forward_cuda(rows, weights, s, skipped);
+  return forward_cuda(rows, weights, s, skipped, u);
 #else
   TORCH_CHECK(false, "l2l_fused._C was built without CUDA");
 #endif
@@ -66,11 +67,23 @@ void run_forward(const std::vector<Row>& rows, const at::Tensor& weights, const 
 
 void group_step(at::TensorList params, at::TensorList grads, at::TensorList h, at::TensorList c,
                 const at::Tensor& weights, const at::Tensor& skipped, int64_t layers, int64_t hidden,
-                int64_t features, std::optional<double> preprocess_p, double output_scale) {
+                int64_t features, std::optional<double> preprocess_p, double output_scale,
+                const std::optional<at::Tensor>& lr_tensor, double lr, double weight_decay, bool maximize) {
   const NetShape s = make_shape(layers, hidden, features, preprocess_p, output_scale);
   TORCH_CHECK_VALUE(skipped.scalar_type() == at::kLong && skipped.numel() == 1 && skipped.is_contiguous() &&
                         skipped.device() == weights.device(),
                     "skipped must be one int64 on ", weights.device());
+  TORCH_CHECK_VALUE(lr >= 0 && std::isfinite(lr), "lr must be a finite float >= 0, not ", lr);
+  TORCH_CHECK_VALUE(weight_decay >= 0 && std::isfinite(weight_decay), "weight_decay must be a finite float >= 0, not ",
+                    weight_decay);
+  Update u{static_cast<float>(lr), nullptr, static_cast<float>(weight_decay), maximize};
+  if (lr_tensor.has_value()) {
+    TORCH_CHECK_VALUE(lr_tensor->scalar_type() == at::kFloat && lr_tensor->numel() == 1 &&
+                          lr_tensor->device() == weights.device(),
+                      "lr_tensor must be one float32 on ", weights.device(), ", got ", lr_tensor->scalar_type(), " on ",
+                      lr_tensor->device());
+    u.lr_ptr = lr_tensor->const_data_ptr<float>();
+  }
   TORCH_CHECK_VALUE(grads.size() == params.size() && h.size() == params.size() && c.size() == params.size(),
                     "params, grads, h and c must be lists of one length");
   if (params.empty()) return;
@@ -81,7 +94,7 @@ void group_step(at::TensorList params, at::TensorList grads, at::TensorList h, a
     if (!params[i].is_contiguous()) write_back.emplace_back(params[i], work);
     rows.push_back({work, work, grads[i].contiguous(), h[i], h[i], c[i], c[i]});
   }
-  run_forward(rows, weights, s, skipped.data_ptr<int64_t>());
+  run_forward(rows, weights, s, skipped.data_ptr<int64_t>(), u);
   for (auto& [param, work] : write_back) param.copy_(work);
 }
 
@@ -91,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& theta, 
                                                        double output_scale) {
   const NetShape s = make_shape(layers, hidden, features, preprocess_p, output_scale);
   auto theta_out = at::empty_like(theta), h_out = at::empty_like(h), c_out = at::empty_like(c);
-  run_forward({{theta, theta_out, grad, h, h_out, c, c_out}}, weights, s, nullptr);
+  run_forward({{theta, theta_out, grad, h, h_out, c, c_out}}, weights, s, nullptr, Update{});
   return {theta_out, h_out, c_out};
 }
 
@@ -123,7 +136,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad, 
 
 TORCH_LIBRARY(l2l_fused, m) {
   m.def("native_group_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] h, Tensor(c!)[] c, Tensor weights, "
-        "Tensor(d!) skipped, int layers, int hidden, int features, float? preprocess_p, float output_scale) -> ()");
+        "Tensor(d!) skipped, int layers, int hidden, int features, float? preprocess_p, float output_scale, "
+        "Tensor? lr_tensor=None, float lr=1., float weight_decay=0., bool maximize=False) -> ()");
   m.def("native_forward(Tensor theta, Tensor grad, Tensor h, Tensor c, Tensor weights, int layers, int hidden, "
         "int features, float? preprocess_p, float output_scale) -> (Tensor, Tensor, Tensor)");
   m.def("native_backward(Tensor grad, Tensor h, Tensor c, Tensor dtheta, Tensor dh_next, Tensor dc_next, "

@@ -33,9 +33,21 @@ void dispatch_hidden(const NetShape& s, Fn&& fn) {
   }
 }
 
-// Returns how many coordinates were skipped for a non-finite ∇ (only when skip_nonfinite).
+// The factors of θ' = θ·decay + lr·Δ: (1, 1) for meta-training's step, the group's options for the optimizer's.
+struct Factors {
+  float lr, decay;
+  bool maximize;
+};
+
+Factors factors(const Update& u) {
+  const float lr = u.lr_ptr != nullptr ? *u.lr_ptr : u.lr;  // a CPU tensor's value: reading it waits for nothing
+  return {lr, decay_factor(lr, u.weight_decay), u.maximize};
+}
+
+// Returns how many coordinates were skipped for a non-finite ∇ (only for the optimizer's step).
 template <int H_CT, typename S, typename P>
-int64_t forward_rows(const Row& row, int64_t begin, int64_t end, const float* w, const NetShape& s, bool skip_nonfinite) {
+int64_t forward_rows(const Row& row, int64_t begin, int64_t end, const float* w, const NetShape& s, bool group_step,
+                     const Factors& f) {
   using acc_t = at::opmath_type<P>;  // float, or double for double parameters
   const P* theta_in = row[0].const_data_ptr<P>();
   P* theta_out = row[1].data_ptr<P>();
@@ -45,16 +57,24 @@ int64_t forward_rows(const Row& row, int64_t begin, int64_t end, const float* w,
   const S* c_in = reinterpret_cast<const S*>(row[5].const_data_ptr());
   S* c_out = reinterpret_cast<S*>(row[6].data_ptr());
   const int64_t stride = row[0].numel() * s.hidden;
+  const acc_t decay = static_cast<acc_t>(f.decay);
   int64_t skipped = 0;
   for (int64_t n = begin; n < end; ++n) {
-    const float g = static_cast<float>(grad[n]);
-    if (skip_nonfinite && !std::isfinite(g)) {
-      ++skipped;
-      continue;
+    float g = static_cast<float>(grad[n]);
+    if (group_step) {
+      if (!std::isfinite(g)) {
+        ++skipped;
+        continue;
+      }
+      if (g == 0.0f) {  // no gradient signal: the state stays, θ only decays
+        theta_out[n] = static_cast<P>(static_cast<acc_t>(theta_in[n]) * decay);
+        continue;
+      }
+      if (f.maximize) g = -g;
     }
     const int64_t at = n * s.hidden;
     const float delta = coordinate_forward<H_CT, S>(s, w, g, h_in + at, c_in + at, h_out + at, c_out + at, stride);
-    theta_out[n] = static_cast<P>(static_cast<acc_t>(theta_in[n]) + static_cast<acc_t>(delta));
+    theta_out[n] = static_cast<P>(static_cast<acc_t>(theta_in[n]) * decay + static_cast<acc_t>(f.lr * delta));
   }
   return skipped;
 }
@@ -110,13 +130,15 @@ void dispatch_state(const at::Tensor& state, Fn&& fn) {
 
 }  // namespace
 
-void forward_cpu(const std::vector<Row>& rows, const at::Tensor& weights, const NetShape& s, int64_t* skipped) {
+void forward_cpu(const std::vector<Row>& rows, const at::Tensor& weights, const NetShape& s, int64_t* skipped,
+                 const Update& u) {
   // One parallel loop over the group's coordinates, in chunks that never straddle two tensors.
   std::vector<std::pair<int64_t, int64_t>> tasks;  // (row, first coordinate)
   for (int64_t r = 0; r < static_cast<int64_t>(rows.size()); ++r)
     for (int64_t n = 0; n < rows[r][0].numel(); n += kChunk) tasks.emplace_back(r, n);
   const float* w = weights.const_data_ptr<float>();
   std::atomic<int64_t> total{0};
+  const Factors f = factors(u);
   dispatch_state(rows.front()[3], [&](auto state_tag) {
     using S = decltype(state_tag);
     dispatch_hidden(s, [&](auto hidden) {
@@ -126,7 +148,7 @@ void forward_cpu(const std::vector<Row>& rows, const at::Tensor& weights, const 
           const Row& row = rows[tasks[t].first];
           const int64_t begin = tasks[t].second, end = std::min(begin + kChunk, row[0].numel());
           AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, row[0].scalar_type(), "l2l_forward_cpu", [&] {
-            mine += forward_rows<decltype(hidden)::value, S, scalar_t>(row, begin, end, w, s, skipped != nullptr);
+            mine += forward_rows<decltype(hidden)::value, S, scalar_t>(row, begin, end, w, s, skipped != nullptr, f);
           });
         }
         total += mine;

@@ -19,7 +19,8 @@ int dtype_code(at::ScalarType t) {
 }
 }  // namespace
 
-void forward_cuda(const std::vector<Row>& rows, const at::Tensor& weights, const NetShape& s, int64_t* skipped) {
+void forward_cuda(const std::vector<Row>& rows, const at::Tensor& weights, const NetShape& s, int64_t* skipped,
+                  const Update& u) {
   const c10::cuda::CUDAGuard guard(weights.device());
   const bool bf16_state = rows.front()[3].scalar_type() == at::kBFloat16;
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -27,7 +28,7 @@ void forward_cuda(const std::vector<Row>& rows, const at::Tensor& weights, const
   table.count = 0;
   int64_t blocks = 0;
   auto launch = [&] {
-    C10_CUDA_CHECK(launch_forward(table, blocks, weights.const_data_ptr<float>(), s, bf16_state, skipped, stream));
+    C10_CUDA_CHECK(launch_forward(table, blocks, weights.const_data_ptr<float>(), s, bf16_state, skipped, u, stream));
     table.count = 0;
     blocks = 0;
   };

@@ -30,20 +30,23 @@ __device__ __forceinline__ float load_param(int64_t addr, int64_t i, int code) {
   }
 }
 
-// θ' = θ + Δ added in float32 (float64 for float64 θ), rounded once to θ's dtype.
-__device__ __forceinline__ void store_theta(int64_t in, int64_t out, int64_t i, int code, float delta) {
+// θ' = θ·decay + step in float32 (float64 for float64 θ), rounded once to θ's dtype.
+__device__ __forceinline__ void store_theta(int64_t in, int64_t out, int64_t i, int code, float decay, float step) {
   switch (code) {
     case 0:
-      reinterpret_cast<float*>(out)[i] = reinterpret_cast<const float*>(in)[i] + delta;
+      reinterpret_cast<float*>(out)[i] = reinterpret_cast<const float*>(in)[i] * decay + step;
       break;
     case 1:
-      reinterpret_cast<uint16_t*>(out)[i] = to_bf16_bits(from_bf16_bits(reinterpret_cast<const uint16_t*>(in)[i]) + delta);
+      reinterpret_cast<uint16_t*>(out)[i] =
+          to_bf16_bits(from_bf16_bits(reinterpret_cast<const uint16_t*>(in)[i]) * decay + step);
       break;
     case 2:
-      reinterpret_cast<__half*>(out)[i] = __float2half_rn(__half2float(reinterpret_cast<const __half*>(in)[i]) + delta);
+      reinterpret_cast<__half*>(out)[i] =
+          __float2half_rn(__half2float(reinterpret_cast<const __half*>(in)[i]) * decay + step);
       break;
     default:
-      reinterpret_cast<double*>(out)[i] = reinterpret_cast<const double*>(in)[i] + static_cast<double>(delta);
+      reinterpret_cast<double*>(out)[i] =
+          reinterpret_cast<const double*>(in)[i] * static_cast<double>(decay) + static_cast<double>(step);
   }
 }
 
@@ -60,7 +63,7 @@ template <int H_CT, typename S>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const __grid_constant__ LaunchTable table,
                                                            const float* weights, int64_t packed,
                                                            bool weights_in_shared, NetShape s,
-                                                           unsigned long long* skipped) {
+                                                           unsigned long long* skipped, Update u) {
   extern __shared__ float shared[];
   const float* w = stage_weights(weights, packed, weights_in_shared, shared);
   // __grid_constant__: the rows are read where the parameter lives (the constant bank, where a block's
@@ -75,8 +78,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const __grid_constant
   const int64_t n = (static_cast<int64_t>(blockIdx.x) - row[9]) * kThreads + threadIdx.x;
   if (n >= numel) return;
   const int code = static_cast<int>(row[8]);
-  const float g = load_param(row[2], n, code);
-  if (skipped != nullptr) {
+  float g = load_param(row[2], n, code);
+  float lr = 1.0f, decay = 1.0f;  // meta-training's step: θ + Δ
+  if (skipped != nullptr) {  // the optimizer's step
     // A NaN or ±inf gradient leaves the coordinate's θ and state as they are; the warp counts its skipped
     // coordinates with one atomic (an overflowing AMP step makes every coordinate skip).
     const bool bad = !isfinite(g);
@@ -84,12 +88,19 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const __grid_constant
     const unsigned ballot = __ballot_sync(active, bad);
     if (ballot != 0 && static_cast<int>(threadIdx.x % 32) == __ffs(active) - 1) atomicAdd(skipped, __popc(ballot));
     if (bad) return;
+    lr = u.lr_ptr != nullptr ? *u.lr_ptr : u.lr;
+    decay = decay_factor(lr, u.weight_decay);
+    if (g == 0.0f) {  // no gradient signal: the state stays, θ only decays
+      store_theta(row[0], row[1], n, code, decay, -0.0f);
+      return;
+    }
+    if (u.maximize) g = -g;
   }
   const int64_t at = n * s.hidden;
   const float delta = coordinate_forward<H_CT, S>(
       s, w, g, reinterpret_cast<const S*>(row[3]) + at, reinterpret_cast<const S*>(row[5]) + at,
       reinterpret_cast<S*>(row[4]) + at, reinterpret_cast<S*>(row[6]) + at, numel * s.hidden);
-  store_theta(row[0], row[1], n, code, delta);
+  store_theta(row[0], row[1], n, code, decay, lr * delta);
 }
 
 // Weight gradients of one tile of kThreads coordinates, summed over the tile in shared memory and added
@@ -185,7 +196,7 @@ cudaError_t allow_shared(Kernel kernel, size_t bytes) {
 bool weights_fit_shared(const NetShape& s) { return packed_size(s) * sizeof(float) <= kWeightsSharedBytes; }
 
 cudaError_t launch_forward(const LaunchTable& table, int64_t blocks, const float* weights, const NetShape& s,
-                           bool bf16_state, int64_t* skipped, cudaStream_t stream) {
+                           bool bf16_state, int64_t* skipped, const Update& u, cudaStream_t stream) {
   if (blocks == 0) return cudaSuccess;
   const bool in_shared = weights_fit_shared(s);
   const size_t bytes = in_shared ? packed_size(s) * sizeof(float) : 0;
@@ -194,7 +205,7 @@ cudaError_t launch_forward(const LaunchTable& table, int64_t blocks, const float
     cudaError_t err = allow_shared(kernel, bytes);
     if (err != cudaSuccess) return err;
     kernel<<<static_cast<unsigned>(blocks), kThreads, bytes, stream>>>(table, weights, packed_size(s), in_shared, s,
-                                                                     reinterpret_cast<unsigned long long*>(skipped));
+                                                                     reinterpret_cast<unsigned long long*>(skipped), u);
     return cudaGetLastError();
   });
 }

@@ -26,9 +26,10 @@ struct LaunchTable {
 
 bool weights_fit_shared(const NetShape& s);
 int backward_blocks(int64_t n);
-// skipped: nullptr, or an int64 on the device that counts (and so skips) coordinates whose ∇ is NaN or ±inf.
+// skipped: nullptr (meta-training's θ + Δ), or an int64 on the device for the optimizer's step, which counts
+// (and so skips) coordinates whose ∇ is NaN or ±inf, leaves the state of zero-∇ ones, and applies `u`.
 cudaError_t launch_forward(const LaunchTable& table, int64_t blocks, const float* weights, const NetShape& s,
-                           bool bf16_state, int64_t* skipped, cudaStream_t stream);
+                           bool bf16_state, int64_t* skipped, const Update& u, cudaStream_t stream);
 // partial: [backward_blocks(n), packed_size(s)] zeros; its column sums are the packed weight gradients.
 cudaError_t launch_backward(const float* grad, const void* h, const void* c, const float* dtheta,
                             const float* dh_next, const float* dc_next, float* dh, float* dc, float* partial,

@@ -48,6 +48,22 @@ struct NetShape {
   float output_scale;
 };
 
+// The optimizer's options of a group step (l2l_fused.backends.Update): θ' = θ·(1 − lr·wd) + lr·Δ, the net
+// fed −∇ under maximize. lr_ptr, when set, points to the float32 lr where the kernel runs (read when it
+// runs, so a scheduler's in-place change reaches a captured CUDA graph) and lr is not read.
+struct Update {
+  float lr = 1.0f;
+  const float* lr_ptr = nullptr;
+  float weight_decay = 0.0f;
+  bool maximize = false;
+};
+
+// 1 − lr·wd, in double where the product of two floats is exact: the same float whether or not the compiler
+// fuses the multiply-add (l2l_fused.backends.Update, the reference, does the same).
+L2L_HD float decay_factor(float lr, float weight_decay) {
+  return static_cast<float>(1.0 - static_cast<double>(lr) * static_cast<double>(weight_decay));
+}
+
 // Offsets into the packed weights, identical on host and device.
 L2L_HD int64_t layer_inputs(const NetShape& s, int l) { return (l == 0 ? s.features : s.hidden) + s.hidden; }
 L2L_HD int64_t layer_offset(const NetShape& s, int l) {

@@ -82,7 +82,7 @@ class _PackedCache:
 _PACKED: dict[int, _PackedCache] = {}
 
 
-def group_step(net, params, grads, hs, cs, skipped):
+def group_step(net, params, grads, hs, cs, skipped, update: backends.Update = backends.Update()):
     if torch.compiler.is_compiling() or capture.capturing():
         # Traced or captured, the packing joins the graph, so every run of it packs φ as it is then: the
         # cache's version check is host code, which neither a compiled graph nor a CUDA-graph replay repeats.
@@ -90,7 +90,10 @@ def group_step(net, params, grads, hs, cs, skipped):
             packed = pack(net).to(params[0].device)
     else:
         packed = _PACKED.setdefault(id(net), _PackedCache()).get(net, params[0].device)
-    torch.ops.l2l_fused.native_group_step(params, grads, hs, cs, packed, skipped, *_shape(net))
+    lr_tensor = update.lr if isinstance(update.lr, Tensor) else None
+    torch.ops.l2l_fused.native_group_step(params, grads, hs, cs, packed, skipped, *_shape(net), lr_tensor,
+                                          1.0 if lr_tensor is not None else update.lr, update.weight_decay,
+                                          update.maximize)
 
 
 def _sizes(h: Tensor, preprocess_p) -> tuple[int, int, int]:
@@ -121,7 +124,8 @@ def step(net, theta, grad, h, c, saved_state_dtype=None):
 if BUILD_ERROR is None:
 
     @torch.library.register_fake("l2l_fused::native_group_step")
-    def _(params, grads, h, c, weights, skipped, layers, hidden, features, preprocess_p, output_scale):
+    def _(params, grads, h, c, weights, skipped, layers, hidden, features, preprocess_p, output_scale, lr_tensor=None,
+          lr=1.0, weight_decay=0.0, maximize=False):
         return None
 
     @torch.library.register_fake("l2l_fused::native_forward")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import sys
 from collections import defaultdict
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
-from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from . import backends, capture
@@ -29,27 +30,75 @@ def _check_state_dtype(dtype, where: str) -> None:
         raise ValueError(f"{where} must be one of {list(STATE_DTYPES)}, got {dtype!r}")
 
 
-def _check_capturable(value, where: str) -> None:
+def _check_bool(value, where: str) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{where} must be a bool, got {value!r}")
 
 
-def _local(t: Tensor) -> Tensor:
-    """The part of ``t`` this process holds: a DTensor's (FSDP2's sharded parameters) local shard, else ``t``."""
-    return t.to_local() if isinstance(t, DTensor) else t
+def _check_lr(value, where: str) -> None:
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.dim() > 1 or not value.is_floating_point():
+            raise ValueError(f"{where} as a tensor must be one real floating value (0-dim), got {value.dtype} "
+                             f"of shape {list(value.shape)}")
+    elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < math.inf:
+        raise ValueError(f"{where} must be a finite float >= 0 or a 0-dim tensor, got {value!r}")
 
 
-def _state_shape(net: LSTMOptimizerNet, p: Tensor) -> tuple[int, int, int]:
-    return (net.num_layers, _local(p).numel(), net.hidden_size)
+def _check_weight_decay(value, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < math.inf:
+        raise ValueError(f"{where} must be a finite float >= 0, got {value!r}")
+
+
+# Hyperparameters of torch.optim's optimizers that this one has no use for. A group that sets one is
+# refused by name rather than silently ignored (a user moving from SGD or Adam expects it to act). The
+# flags in _NEUTRAL are accepted at the value that asks for nothing (torch itself adds differentiable=False).
+_NOT_HONOURED = frozenset({
+    "momentum", "dampening", "nesterov", "betas", "eps", "amsgrad", "alpha", "centered", "rho", "lr_decay",
+    "initial_accumulator_value", "momentum_decay", "decoupled_weight_decay", "lambd", "t0", "etas", "step_sizes",
+    "beta2_decay", "d", "max_iter", "max_eval", "tolerance_grad", "tolerance_change", "history_size",
+    "line_search_fn", "ns_coefficients", "ns_steps", "adjust_lr_fn", "foreach", "fused", "differentiable",
+})
+_NEUTRAL = {"differentiable": False, "foreach": None, "fused": None, "decoupled_weight_decay": True}
+
+
+def _check_options(group: dict, where: str) -> None:
+    """Every option of a group, named in any error; types only (a tensor lr's value is never read here)."""
+    for key in sorted(_NOT_HONOURED.intersection(group)):
+        if key not in _NEUTRAL or group[key] is not _NEUTRAL[key]:
+            hint = " (weight decay here is always decoupled, AdamW's)" if key == "decoupled_weight_decay" else ""
+            raise ValueError(f"{where}: {key}={group[key]!r} is a torch.optim option that L2LOptimizer does not "
+                             f"have{hint}; its options are {sorted(_OPTIONS)}")
+    _check_net(group["net"], where)
+    backends.check_name(group["backend"], group["net"])
+    _check_state_dtype(group["state_dtype"], f"{where}: state_dtype")
+    _check_bool(group["capturable"], f"{where}: capturable")
+    _check_lr(group["lr"], f"{where}: lr")
+    _check_weight_decay(group["weight_decay"], f"{where}: weight_decay")
+    _check_bool(group["maximize"], f"{where}: maximize")
+
+
+_OPTIONS = ("net", "backend", "state_dtype", "capturable", "lr", "weight_decay", "maximize")
+
+
+def _dtensor_type():
+    """``DTensor`` if ``torch.distributed.tensor`` is loaded, else None: a parameter cannot be a DTensor
+    before that module is, and importing it costs over a second that most users never need."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return None if module is None else module.DTensor
 
 
 class L2LOptimizer(Optimizer):
-    """Updates every coordinate with a learned LSTM optimizer: ``p += net(p.grad, state)``.
+    """Updates every coordinate with a learned LSTM optimizer: ``p ← p·(1 − lr·wd) + lr·net(p.grad, state)``.
 
     Each param group is updated as one flat set of coordinates (one kernel launch per group and device
     on the fused backends). Per parameter the state holds ``h`` and ``c``, each ``[L, numel, H]`` in
     ``state_dtype``, zero at the first step. Parameters of any floating dtype are supported; the network
-    runs in float32 and ``θ + Δ`` is added in float32 (float64 for float64 parameters).
+    runs in float32 and the update is added in float32 (float64 for float64 parameters).
+
+    A coordinate whose gradient is exactly zero gets no learned update and keeps its state: a parameter
+    that receives no gradient signal (a padding or never-seen embedding row, a weight on an always-zero
+    input, a layer frozen under ``zero_grad(set_to_none=False)``) stays where it is, as under SGD, instead
+    of drifting with the net's bias. Weight decay still applies to it, as AdamW's does.
 
     A coordinate whose gradient is NaN or ±inf is skipped: its parameter and state stay as they were (a
     NaN would otherwise poison its state for good). :meth:`skipped_coordinates` counts them on the device.
@@ -57,9 +106,17 @@ class L2LOptimizer(Optimizer):
     an overflow, as for any optimizer.
 
     Args:
-        params: an iterable of parameters or of param-group dicts, as for any ``torch.optim`` optimizer.
+        params: an iterable of parameters, of ``(name, parameter)`` pairs (``model.named_parameters()``),
+            or of param-group dicts, as for any ``torch.optim`` optimizer.
         net: the ``LSTMOptimizerNet`` for groups that name none (groups may each bring their own, e.g.
             one net for conv and one for fully connected parameters). Its weights are read, not trained.
+        lr: a multiplier of the learned update (default 1.0: the update the net was meta-trained to make).
+            A float >= 0, or a 0-dim tensor, which the kernels read on the device when they run: a
+            scheduler then changes it in place without a host sync and without a new CUDA graph capture
+            (put it on the parameters' device for that). Every ``torch.optim.lr_scheduler`` works on it.
+        weight_decay: decoupled weight decay, AdamW's form: ``p ← p·(1 − lr·weight_decay)`` before the
+            update is added (default 0).
+        maximize: maximize the objective: the net sees ``−grad`` (default False).
         backend: ``"auto"`` (fastest available for the parameters' device and the net), or a name from
             ``l2l_fused.available_backends(device)``.
         state_dtype: ``torch.float32`` (default) or ``torch.bfloat16``, which halves the state's memory
@@ -72,55 +129,88 @@ class L2LOptimizer(Optimizer):
             A capture checks that everything a replay reads exists and lives where the graph runs, and
             raises otherwise; ``load_state_dict`` writes into the state tensors a graph reads. Without it,
             capturing ``step()`` raises, as for ``torch.optim`` optimizers.
+
+    Group keys of other ``torch.optim`` optimizers (``momentum``, ``betas``, ``eps``, ...) are refused with
+    a ``ValueError`` that names them, never ignored.
     """
 
     def __init__(
         self,
         params,
         net: Optional[LSTMOptimizerNet] = None,
+        lr: Union[float, Tensor] = 1.0,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
         backend: str = "auto",
         state_dtype: torch.dtype = torch.float32,
         capturable: bool = False,
     ) -> None:
+        defaults = {"net": net, "backend": backend, "state_dtype": state_dtype, "capturable": capturable, "lr": lr,
+                    "weight_decay": weight_decay, "maximize": maximize}
         if net is not None:
             _check_net(net, "net")
         backends.check_name(backend, net)
         _check_state_dtype(state_dtype, "state_dtype")
-        _check_capturable(capturable, "capturable")
+        _check_bool(capturable, "capturable")
+        _check_lr(lr, "lr")
+        _check_weight_decay(weight_decay, "weight_decay")
+        _check_bool(maximize, "maximize")
         self._skipped: dict[torch.device, Tensor] = {}  # per device: coordinates skipped for a non-finite ∇
-        super().__init__(params, {"net": net, "backend": backend, "state_dtype": state_dtype, "capturable": capturable})
+        self._dtensor = None
+        super().__init__(params, defaults)
         # The net is a module, not a hyperparameter: a state dict carries its config only, so it stays
         # loadable with torch.load(weights_only=True) and is checked against the net on load.
         self.register_state_dict_post_hook(_nets_to_configs, prepend=True)
 
     def add_param_group(self, param_group: dict) -> None:
         index = len(self.param_groups)
-        net = param_group.get("net", self.defaults["net"])
-        _check_net(net, f"param group {index}")
-        backends.check_name(param_group.get("backend", self.defaults["backend"]), net)
-        _check_state_dtype(param_group.get("state_dtype", self.defaults["state_dtype"]), f"param group {index}: state_dtype")
-        _check_capturable(param_group.get("capturable", self.defaults["capturable"]), f"param group {index}: capturable")
+        where = f"param group {index}"
+        candidate = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        _check_options(candidate, where)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         for p in group["params"]:
             if not p.is_floating_point():
                 self.param_groups.pop()
                 raise ValueError(f"params: L2LOptimizer needs real floating-point parameters, got one of dtype {p.dtype}")
+        self._dtensor = _dtensor_type()
+        for device in {p.device for p in group["params"]}:
+            backends.preload(group["backend"], device, group["net"])
         if group["capturable"]:
             for p in group["params"]:
                 if p.requires_grad:
                     self._state_of(group, p)
                     self._counter(p.device)
 
-    def _plan(self):
-        """Validate every group's gradients and state before anything is written.
+    def __getstate__(self) -> dict:
+        # torch.optim pickles defaults, state and param groups only; the skipped counts are state too.
+        return {**super().__getstate__(), "_skipped": self._skipped}
 
-        Returns ``(group, backend, params)`` per group and device. A bad gradient, or a capture that a
-        replay could not repeat, raises here, leaving all parameters and state as they were.
+    def __setstate__(self, state: dict) -> None:
+        # Also called by load_state_dict with state and param groups only: what it does not carry stays.
+        self._skipped = state.pop("_skipped", getattr(self, "_skipped", {}))
+        super().__setstate__(state)
+        self._dtensor = _dtensor_type()
+        if _nets_to_configs not in self._optimizer_state_dict_post_hooks.values():  # unpickled: hooks are not
+            self.register_state_dict_post_hook(_nets_to_configs, prepend=True)
+
+    def _local(self, t: Tensor) -> Tensor:
+        """The part of ``t`` this process holds: a DTensor's (FSDP2's sharded parameters) local shard, else ``t``."""
+        return t.to_local() if self._dtensor is not None and isinstance(t, self._dtensor) else t
+
+    def _state_shape(self, net: LSTMOptimizerNet, p: Tensor) -> tuple[int, int, int]:
+        return (net.num_layers, self._local(p).numel(), net.hidden_size)
+
+    def _plan(self):
+        """Validate every group's options, gradients and state before anything is written.
+
+        Returns ``(group, backend, params, update)`` per group and device. A bad option or gradient, or a
+        capture that a replay could not repeat, raises here, leaving all parameters and state as they were.
         """
         graph = capture.capturing()
         plan = []
         for index, group in enumerate(self.param_groups):
+            _check_options(group, f"param group {index}")  # a scheduler or a user may have set anything
             net = group["net"]
             by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
             for p in group["params"]:
@@ -135,17 +225,21 @@ class L2LOptimizer(Optimizer):
                         f"does not match its parameter ({tuple(p.shape)}, {p.dtype} on {p.device})"
                     )
                 state = self.state.get(p)
-                if state and tuple(state["h"].shape) != _state_shape(net, p):
+                if state and tuple(state["h"].shape) != self._state_shape(net, p):
                     raise ValueError(
                         f"param group {index}: a parameter's optimizer state is {list(state['h'].shape)} but the "
-                        f"parameter ({tuple(p.shape)}) and net need {list(_state_shape(net, p))}; a parameter "
-                        "cannot change shape, nor a group its net size, while keeping its state"
+                        f"parameter ({tuple(p.shape)}) and net need {list(self._state_shape(net, p))}; a "
+                        "parameter cannot change shape, nor a group its net size, while keeping its state"
                     )
                 if graph:
                     self._check_replayable(index, group, p)
                 by_device[p.device].append(p)
             for device, params in by_device.items():
-                plan.append((group, backends.resolve(group["backend"], device, net), params))
+                lr = group["lr"]
+                if isinstance(lr, Tensor):  # read where the kernel runs, as float32 (a no-op when it is so)
+                    lr = lr.to(device=device, dtype=torch.float32)
+                update = backends.Update(lr, float(group["weight_decay"]), group["maximize"])
+                plan.append((group, backends.resolve(group["backend"], device, net), params, update))
         return plan
 
     def _check_replayable(self, index: int, group: dict, p: Tensor) -> None:
@@ -168,6 +262,12 @@ class L2LOptimizer(Optimizer):
                 f"{where} has its net on {weight.device}, its parameters on {p.device}; a replay would copy φ "
                 "every time: move the net (net.to(device)) before capturing"
             )
+        lr = group["lr"]
+        if isinstance(lr, Tensor) and lr.device != p.device:
+            raise RuntimeError(
+                f"{where} has its lr tensor on {lr.device}, its parameters on {p.device}: put lr on {p.device} "
+                "so that replays read its value there"
+            )
 
     def _counter(self, device: torch.device) -> Tensor:
         if device not in self._skipped:
@@ -177,7 +277,7 @@ class L2LOptimizer(Optimizer):
     def _state_of(self, group: dict, p: Tensor) -> dict:
         state, dtype = self.state[p], group["state_dtype"]
         if not state:
-            shape = _state_shape(group["net"], p)
+            shape = self._state_shape(group["net"], p)
             for key in _STATE_KEYS:
                 state[key] = torch.zeros(shape, device=p.device, dtype=dtype)
         elif state["h"].dtype != dtype:
@@ -193,11 +293,11 @@ class L2LOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group, impl, params in self._plan():
+        for group, impl, params, update in self._plan():
             states = [self._state_of(group, p) for p in params]
             impl.group_step(  # under FSDP2 each rank steps (and keeps state for) its own shards only
-                group["net"], [_local(p) for p in params], [_local(p.grad) for p in params], [s["h"] for s in states],
-                [s["c"] for s in states], self._counter(params[0].device),
+                group["net"], [self._local(p) for p in params], [self._local(p.grad) for p in params],
+                [s["h"] for s in states], [s["c"] for s in states], self._counter(params[0].device), update,
             )
         return loss
 
@@ -222,8 +322,11 @@ class L2LOptimizer(Optimizer):
 
         ``torch.optim.Optimizer.load_state_dict`` would cast state to each parameter's dtype (rounding a
         float32 state to a bfloat16 parameter's precision), so this one is written out. Everything is
-        checked before anything is replaced: a state dict for another layout or net raises ``ValueError``
-        and leaves the optimizer as it was. A capturable group keeps its ``capturable`` and its state tensors:
+        checked before anything is replaced: a state dict for another layout or net, or with an option this
+        optimizer does not have, raises ``ValueError`` and leaves the optimizer as it was. Options a state
+        dict predates (``lr``, ``weight_decay``, ``maximize``) take their defaults. A group whose ``lr`` is a
+        tensor keeps that tensor and gets the saved value written into it. ``param_names`` are kept where
+        the state dict has none, as ``torch.optim`` does. A capturable group keeps its ``capturable`` and its state tensors:
         the loaded state is copied into them (a parameter the state dict has no state for starts from zeros
         again), so a graph captured before the load replays from the loaded state.
         """
@@ -237,20 +340,22 @@ class L2LOptimizer(Optimizer):
             raise ValueError(
                 f"state_dict has {len(saved_groups)} param groups, this optimizer {len(groups)}"
             )
-        id_map = {}
+        id_map, new_groups = {}, []
         for index, (group, saved) in enumerate(zip(groups, saved_groups)):
+            where = f"state_dict param group {index}"
             if len(group["params"]) != len(saved["params"]):
-                raise ValueError(
-                    f"state_dict param group {index} has {len(saved['params'])} parameters, this optimizer's "
-                    f"{len(group['params'])}"
-                )
+                raise ValueError(f"{where} has {len(saved['params'])} parameters, this optimizer's {len(group['params'])}")
             if saved.get("net") != group["net"].config():
-                raise ValueError(
-                    f"state_dict param group {index} was saved for a net {saved.get('net')}, this group's net "
-                    f"is {group['net'].config()}"
-                )
-            backends.check_name(saved.get("backend", self.defaults["backend"]), group["net"])
-            _check_state_dtype(saved.get("state_dtype", self.defaults["state_dtype"]), f"state_dict param group {index}: state_dtype")
+                raise ValueError(f"{where} was saved for a net {saved.get('net')}, this group's net is {group['net'].config()}")
+            new_group = {k: v for k, v in saved.items() if k not in ("params", "net")}
+            for key, default in self.defaults.items():  # options newer than the state dict
+                new_group.setdefault(key, default)
+            # Whether steps are captured is this process's business, not the checkpoint's.
+            new_group.update(params=group["params"], net=group["net"], capturable=group["capturable"])
+            if "param_names" in group and "param_names" not in new_group:  # as torch.optim keeps them
+                new_group["param_names"] = group["param_names"]
+            _check_options(new_group, where)
+            new_groups.append(new_group)
             id_map.update({saved_id: (p, group["net"]) for saved_id, p in zip(saved["params"], group["params"])})
         state = defaultdict(dict)
         for saved_id, saved_state in state_dict["state"].items():
@@ -260,20 +365,17 @@ class L2LOptimizer(Optimizer):
             if set(saved_state) != set(_STATE_KEYS):
                 raise ValueError(f"state_dict state {saved_id} has keys {sorted(saved_state)}, expected {list(_STATE_KEYS)}")
             for key in _STATE_KEYS:
-                if tuple(saved_state[key].shape) != _state_shape(net, p):
+                if tuple(saved_state[key].shape) != self._state_shape(net, p):
                     raise ValueError(
                         f"state_dict state {saved_id}[{key!r}] is {list(saved_state[key].shape)}, but its parameter "
-                        f"{tuple(p.shape)} with this net needs {list(_state_shape(net, p))}"
+                        f"{tuple(p.shape)} with this net needs {list(self._state_shape(net, p))}"
                     )
             state[p] = {key: saved_state[key].to(device=p.device, copy=True) for key in _STATE_KEYS}
-        new_groups = []
-        for group, saved in zip(groups, saved_groups):
-            new_group = {k: v for k, v in saved.items() if k not in ("params", "net")}
-            for key, default in self.defaults.items():  # options newer than the state dict
-                new_group.setdefault(key, default)
-            # Whether steps are captured is this process's business, not the checkpoint's.
-            new_group.update(params=group["params"], net=group["net"], capturable=group["capturable"])
-            new_groups.append(new_group)
+        # Checked: from here on nothing raises.
+        for group, new_group in zip(groups, new_groups):
+            if isinstance(group["lr"], Tensor):  # the live tensor keeps being the one read (a graph, a scheduler)
+                group["lr"].copy_(torch.as_tensor(new_group["lr"]))
+                new_group["lr"] = group["lr"]
             if group["capturable"]:  # into the tensors a captured graph reads (unless the dtype changes)
                 for p in group["params"]:
                     live, loaded = self.state.get(p), state.get(p)

@@ -22,12 +22,26 @@ def update_dtype(param_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if param_dtype == torch.float64 else torch.float32
 
 
-def group_step(net, params, grads, hs, cs, skipped):
+def _factors(update: backends.Update, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lr, 1 − lr · wd)`` as the kernels compute them (:class:`~l2l_fused.backends.Update`): float32, 0-dim,
+    on ``device``, made there (fills, not copies from the host: nothing waits, and a CUDA graph may capture
+    them)."""
+    if isinstance(update.lr, torch.Tensor):
+        lr = update.lr.to(device, torch.float32)
+    else:
+        lr = torch.full((), update.lr, dtype=torch.float32, device=device)
+    weight_decay = torch.full((), update.weight_decay, dtype=torch.float32, device=device)
+    return lr, (1.0 - lr.double() * weight_decay.double()).float()
+
+
+def group_step(net, params, grads, hs, cs, skipped, update: backends.Update = backends.Update()):
     """Concatenate the group into one flat float32 problem, step it once, write the pieces back.
 
-    A coordinate whose gradient is NaN or ±inf keeps θ and its state, and is counted into ``skipped`` (an
-    int64 on the device; no host synchronisation). This costs a copy of everything; it is the
-    specification of what the fused kernels do in one launch.
+    ``θ' = θ · (1 − lr · wd) + lr · Δ`` as :class:`~l2l_fused.backends.Update` defines it. A coordinate whose
+    gradient is NaN or ±inf keeps θ and its state, and is counted into ``skipped`` (an int64 on the device;
+    no host synchronisation). One whose gradient is exactly zero keeps its state and gets no learned update
+    (a parameter that gets no gradient signal stays where it is; weight decay still applies). This costs a
+    copy of everything; it is the specification of what the fused kernels do in one launch.
     """
     device = params[0].device
     cells = [tuple(w.detach().to(device, torch.float32) for w in ws) for ws in net.cell_weights()]
@@ -36,19 +50,27 @@ def group_step(net, params, grads, hs, cs, skipped):
     grad = torch.cat([g.reshape(-1).float() for g in grads])
     bad = ~torch.isfinite(grad)
     skipped.add_(bad.sum())
+    hold = bad | (grad == 0)  # coordinates whose state is kept
+    if update.maximize:
+        grad = -grad
     h_old = torch.cat([s.float() for s in hs], dim=1)
     c_old = torch.cat([s.float() for s in cs], dim=1)
     delta, h, c = l2l_update_ref(
         grad.masked_fill(bad, 0.0), h_old, c_old, cells, head_w, head_b, preprocess_p=net.preprocess_p,
         output_scale=net.output_scale,
     )
-    delta = delta.masked_fill(bad, -0.0)  # θ + (-0.0) is θ exactly, signed zeros included
-    h = torch.where(bad[None, :, None], h_old, h)
-    c = torch.where(bad[None, :, None], c_old, c)
+    lr, decay = _factors(update, device)
+    step = (lr * delta).masked_fill(hold, -0.0)  # θ + (-0.0) is θ exactly, signed zeros included
+    h = torch.where(hold[None, :, None], h_old, h)
+    c = torch.where(hold[None, :, None], c_old, c)
     sizes = [p.numel() for p in params]
-    for p, d in zip(params, delta.split(sizes)):
+    offset = 0
+    for p, s in zip(params, step.split(sizes)):
         wide = update_dtype(p.dtype)
-        p.copy_(p.to(wide) + d.view_as(p).to(wide))
+        new = p.to(wide) * decay + s.view_as(p).to(wide)
+        # a skipped coordinate is not written at all: θ exactly, whatever the decay
+        p.copy_(torch.where(bad[offset:offset + p.numel()].view_as(p), p, new.to(p.dtype)))
+        offset += p.numel()
     for dst, src in zip(hs, h.split(sizes, dim=1)):
         dst.copy_(src)
     for dst, src in zip(cs, c.split(sizes, dim=1)):

@@ -6,17 +6,11 @@ hidden size H padded to HP (a power of two, at least 16) in registers; padded co
 
 from __future__ import annotations
 
-import os
-
 try:
     import triton
     import triton.language as tl
 except ImportError:  # the package works without triton; its backends then report themselves unavailable
     triton = None
-
-# Triton reads TRITON_INTERPRET when a kernel is decorated: set it before importing l2l_fused to run the
-# kernels on the CPU (that is how CI tests them).
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 if triton is not None:
 
@@ -59,24 +53,27 @@ if triton is not None:
         return v
 
     @triton.jit
-    def _store_theta_plus(in_addr, out_addr, offs, mask, code, delta):
-        """θ' = θ + Δ, added in float32 (float64 for float64 θ) and rounded once to θ's dtype.
+    def _store_theta_plus(in_addr, out_addr, offs, mask, code, decay, delta):
+        """θ' = θ·decay + Δ, in float32 (float64 for float64 θ) and rounded once to θ's dtype.
 
         Nothing is assigned inside the branches: compiled Triton needs one type per variable across them."""
         if code == 0:
             tl.store(out_addr.to(tl.pointer_type(tl.float32)) + offs,
-                     tl.load(in_addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask) + delta, mask=mask)
+                     tl.load(in_addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask) * decay + delta, mask=mask)
         elif code == 1:
             tl.store(out_addr.to(tl.pointer_type(tl.bfloat16)) + offs,
-                     _to_bf16(tl.load(in_addr.to(tl.pointer_type(tl.bfloat16)) + offs, mask=mask).to(tl.float32) + delta),
+                     _to_bf16(tl.load(in_addr.to(tl.pointer_type(tl.bfloat16)) + offs, mask=mask).to(tl.float32) * decay
+                              + delta),
                      mask=mask)
         elif code == 2:
             tl.store(out_addr.to(tl.pointer_type(tl.float16)) + offs,
-                     (tl.load(in_addr.to(tl.pointer_type(tl.float16)) + offs, mask=mask).to(tl.float32) + delta).to(tl.float16),
+                     (tl.load(in_addr.to(tl.pointer_type(tl.float16)) + offs, mask=mask).to(tl.float32) * decay
+                      + delta).to(tl.float16),
                      mask=mask)
         else:
             tl.store(out_addr.to(tl.pointer_type(tl.float64)) + offs,
-                     tl.load(in_addr.to(tl.pointer_type(tl.float64)) + offs, mask=mask) + delta.to(tl.float64), mask=mask)
+                     tl.load(in_addr.to(tl.pointer_type(tl.float64)) + offs, mask=mask) * decay + delta.to(tl.float64),
+                     mask=mask)
 
     @triton.jit
     def _gate_preact(x, x0, x1, h, w_ih_ptr, w_hh_ptr, b_ih_ptr, b_hh_ptr, gate: tl.constexpr,

@@ -21,8 +21,10 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .fused import float32_problem, size_problem
+from .backends import Update
+from .fused import size_problem
 from .launch_tables import DTYPE_CODES, LaunchTables
+from .triton_backend import MAX_HIDDEN, MAX_LAYERS
 from .triton_math import triton
 
 if triton is not None:
@@ -32,8 +34,6 @@ if triton is not None:
 
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 
-MAX_HIDDEN = 64
-MAX_LAYERS = 3
 BLOCK_N = 64  # coordinates per program
 NUM_WARPS = 4
 # tf32x3 splits each float32 operand into two tf32 halves and keeps three of the four products: the gate
@@ -46,10 +46,11 @@ if triton is not None:
 
     @triton.jit
     def _l2l_fwd_kernel(
-        table_ptr, block_tensor_ptr, cells, head_w_ptr, head_b_ptr, skipped_ptr,
-        output_scale, inv_p, threshold, exp_p,
+        table_ptr, block_tensor_ptr, cells, head_w_ptr, head_b_ptr, skipped_ptr, lr_ptr,
+        output_scale, inv_p, threshold, exp_p, lr, weight_decay,
         L: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, IN: tl.constexpr, PREPROCESS: tl.constexpr,
-        STATE_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, SKIP_NONFINITE: tl.constexpr,
+        STATE_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, GROUP_STEP: tl.constexpr,
+        LR_TENSOR: tl.constexpr, MAXIMIZE: tl.constexpr,
     ):
         pid = tl.program_id(0)
         row = table_ptr + tl.load(block_tensor_ptr + pid).to(tl.int64) * 10
@@ -59,22 +60,27 @@ if triton is not None:
         mask = offs < numel
 
         grad = _load_f32(tl.load(row + 2), offs, mask, code)
-        write = mask
-        if SKIP_NONFINITE:
+        write = mask  # θ written
+        keep = mask  # state written, and the learned update applied
+        if GROUP_STEP:
             # A NaN or ±inf gradient's coordinate is not written at all (the step is in place), so θ and
             # the state stay as they were: a NaN would poison the state for good. Not keeping the old
             # values in registers matters: the kernel is at its register limit. One atomic per program
-            # counts them, so nothing waits for the host.
+            # counts them, so nothing waits for the host. A zero gradient's coordinate keeps its state and
+            # gets no learned update (only weight decay): no gradient signal, no drift.
             bad = mask & ((grad != grad) | (tl.abs(grad) == float("inf")))
             write = mask & ~bad
+            keep = write & (grad != 0.0)
             grad = tl.where(bad, 0.0, grad)  # its outputs are dropped; no NaN arithmetic on the way
             tl.atomic_add(skipped_ptr, tl.sum(bad.to(tl.int64), axis=0))
+            if MAXIMIZE:
+                grad = -grad
         x0, x1 = _features(grad, inv_p, threshold, exp_p, PREPROCESS)
 
         k = tl.arange(0, HP)
         state_offs = offs[:, None] * H + k[None, :]
         state_mask = mask[:, None] & (k[None, :] < H)
-        store_mask = write[:, None] & (k[None, :] < H)
+        store_mask = keep[:, None] & (k[None, :] < H)
         layer_stride = numel * H
         h_in = tl.load(row + 3).to(tl.pointer_type(STATE_DTYPE))
         h_out = tl.load(row + 4).to(tl.pointer_type(STATE_DTYPE))
@@ -95,18 +101,20 @@ if triton is not None:
 
         w_out = tl.load(head_w_ptr + k, mask=k < H, other=0.0)
         delta = output_scale * (tl.sum(x * w_out[None, :], axis=1) + tl.load(head_b_ptr))
-        _store_theta_plus(tl.load(row + 0), tl.load(row + 1), offs, write, code, delta)
+        decay = 1.0
+        if GROUP_STEP:
+            if LR_TENSOR:  # read when the kernel runs: a scheduler's in-place change needs no new launch setup
+                lr = tl.load(lr_ptr)
+            # in float64, where lr·wd is exact: the same bits fused or not, as every backend computes it
+            decay = (1.0 - tl.cast(lr, tl.float64) * tl.cast(weight_decay, tl.float64)).to(tl.float32)
+            delta = tl.where(keep, lr * delta, -0.0)  # θ·decay + (-0.0) is θ·decay exactly
+        _store_theta_plus(tl.load(row + 0), tl.load(row + 1), offs, write, code, decay, delta)
 
 
 _TABLES = LaunchTables()
 
 
 # -------------------------------------------------------------------------------------------- launcher
-
-def supports(net) -> Optional[str]:
-    """Why the Triton kernels cannot run ``net``, or None."""
-    return float32_problem(net) or size_problem(net.num_layers, net.hidden_size, MAX_LAYERS, MAX_HIDDEN)
-
 
 def _check_weights(weights: Sequence[Tensor], device: torch.device) -> tuple[int, int, int]:
     """(L, H, input features) of a flat weight list ``[w_ih, w_hh, b_ih, b_hh] * L + [head_w, head_b]``."""
@@ -130,11 +138,15 @@ def launch_forward(
     dot_precision: str = DOT_PRECISION,
     num_warps: int = NUM_WARPS,
     skipped: Optional[Tensor] = None,
+    update: Update = Update(),
 ) -> None:
     """One launch over every row ``(θ_in, θ_out, ∇, h_in, h_out, c_in, c_out)``.
 
-    With ``skipped`` (an int64 on the device; every row then in place, outputs the inputs) a coordinate
-    whose ∇ is NaN or ±inf is not written, so it keeps θ and its state, and is counted into ``skipped``.
+    With ``skipped`` (an int64 on the device; every row then in place, outputs the inputs) this is the
+    optimizer's step: a coordinate whose ∇ is NaN or ±inf is not written, so it keeps θ and its state, and
+    is counted into ``skipped``; one whose ∇ is zero keeps its state and gets no learned update; θ' =
+    θ·(1 − lr·wd) + lr·Δ with ``update``'s options (:class:`l2l_fused.backends.Update`). Without it,
+    θ' = θ + Δ for every coordinate (meta-training's step) and ``update`` must be the default.
 
     θ and ∇ are contiguous, of one dtype per row (float32, bfloat16, float16 or float64); the state is
     contiguous ``[L, numel, H]``, float32 or bfloat16, one dtype for all rows. Outputs may alias inputs
@@ -159,11 +171,16 @@ def launch_forward(
         for t in row:
             if t.device != device or not t.is_contiguous():
                 raise ValueError(f"every tensor must be contiguous and on {device}")
+    lr_tensor = isinstance(update.lr, Tensor)
     if skipped is not None:
         if skipped.dtype != torch.int64 or skipped.numel() != 1 or skipped.device != device:
             raise ValueError(f"skipped must be one int64 on {device}")
         if any(row[1] is not row[0] or row[4] is not row[3] or row[6] is not row[5] for row in rows):
             raise ValueError("skipping non-finite gradients needs an in-place step (outputs the inputs)")
+        if lr_tensor and (update.lr.dtype != torch.float32 or update.lr.numel() != 1 or update.lr.device != device):
+            raise ValueError(f"a tensor lr must be one float32 on {device}, got {update.lr.dtype} on {update.lr.device}")
+    elif lr_tensor or update != Update():
+        raise ValueError("lr, weight decay and maximize are options of the optimizer's step (pass skipped)")
     if state_dtype not in STATE_DTYPES:
         raise ValueError(f"state dtype must be one of {list(STATE_DTYPES)}, got {state_dtype}")
     padded = max(16, triton.next_power_of_2(hidden))
@@ -173,11 +190,14 @@ def launch_forward(
     _l2l_fwd_kernel[(num_blocks,)](
         table, block_tensor, tuple(weights[:-2]), weights[-2], weights[-1],
         table if skipped is None else skipped,  # any pointer where nothing is counted
-        float(output_scale), 1.0 / p, math.exp(-p), math.exp(p),
+        update.lr if lr_tensor else table,  # any pointer where lr is a number
+        float(output_scale), 1.0 / p, math.exp(-p), math.exp(p), 1.0 if lr_tensor else float(update.lr),
+        float(update.weight_decay),
         L=num_layers, H=hidden, HP=padded, IN=features,
         PREPROCESS=preprocess_p is not None,
         STATE_DTYPE=tl.float32 if state_dtype == torch.float32 else tl.bfloat16,
-        BLOCK_N=block_n, DOT_PRECISION=dot_precision, SKIP_NONFINITE=skipped is not None, num_warps=num_warps,
+        BLOCK_N=block_n, DOT_PRECISION=dot_precision, GROUP_STEP=skipped is not None, LR_TENSOR=lr_tensor,
+        MAXIMIZE=update.maximize, num_warps=num_warps,
     )
 
 
@@ -214,8 +234,13 @@ def _group_step_op(
     weights: list[Tensor],
     preprocess_p: Optional[float],
     output_scale: float,
+    lr_tensor: Optional[Tensor] = None,
+    lr: float = 1.0,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
 ) -> None:
-    """In-place fused step of a param group; opaque to torch.compile, which sees only what it mutates."""
+    """In-place fused step of a param group; opaque to torch.compile, which sees only what it mutates.
+    ``lr_tensor`` (a float32 on the device), when given, is the lr and ``lr`` is not read."""
     rows, write_back = [], []
     for p, g, hs, cs in zip(params, grads, h, c):
         # Non-contiguous tensors (rare for parameters) are stepped through a contiguous copy, written back
@@ -224,11 +249,13 @@ def _group_step_op(
         if work is not p:
             write_back.append((p, work))
         rows.append((work, work, g.contiguous(), hs, hs, cs, cs))
-    launch_forward(rows, weights, preprocess_p, output_scale, skipped=skipped)
+    update = Update(lr if lr_tensor is None else lr_tensor, weight_decay, maximize)
+    launch_forward(rows, weights, preprocess_p, output_scale, skipped=skipped, update=update)
     for p, work in write_back:
         p.copy_(work)
 
 
 @_group_step_op.register_fake
-def _(params, grads, h, c, skipped, weights, preprocess_p, output_scale) -> None:
+def _(params, grads, h, c, skipped, weights, preprocess_p, output_scale, lr_tensor=None, lr=1.0, weight_decay=0.0,
+      maximize=False) -> None:
     return None

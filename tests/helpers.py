@@ -7,6 +7,8 @@ Tolerances of a fused step (float32 math), from the arithmetic:
   lo*lo product (~2**-21 per product). F32_TOL = 1e-5 (absolute and relative) leaves a margin of ~10.
 * bfloat16 state: a kernel rounds its float32 result once, to nearest: |error| <= 2**-8 |h| + F32_TOL.
 * θ' in a narrow dtype: θ + Δ rounded to it, so the dtype's unit roundoff times |θ'|, plus F32_TOL on Δ.
+* The optimizer's θ' = θ·decay + lr·Δ: Δ's bound times lr; where decay ≠ 1 (weight decay), θ·decay is
+  rounded once more, adding the unit roundoff times |θ·decay|. At decay = 1 that product is exact.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pytest
 import torch
 
 from l2l_fused import LSTMOptimizerNet, available_backends, l2l_update_ref
+from l2l_fused.backends import Update
 
 F32_TOL = 1e-5
 UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -103,16 +106,19 @@ def group_inputs(net, sizes, state_dtype, device):
     return thetas, grads, hs, cs
 
 
-def check_step(net, thetas, grads, hs, cs, theta_outs, h_outs, c_outs, state_dtype):
-    """Outputs of one step of a group against the float64 reference, within the bounds above."""
+def check_step(net, thetas, grads, hs, cs, theta_outs, h_outs, c_outs, state_dtype, lr=1.0, decay=1.0):
+    """Outputs of one step of a group against the float64 reference, within the bounds above:
+    θ' = θ·decay + lr·Δ. The bound on Δ scales with lr; a decay other than 1 adds the rounding of θ·decay."""
     delta, h_ref, c_ref = reference64(net, grads, hs, cs)
     offset = 0
     for theta, theta_out, h_out, c_out in zip(thetas, theta_outs, h_outs, c_outs):
         n = theta.numel()
-        d = delta[offset:offset + n]
-        want = theta.cpu().double() + d
+        step = lr * delta[offset:offset + n]
+        decayed = theta.cpu().double() * decay
+        want = decayed + step
         u = UNIT_ROUNDOFF[theta.dtype] + UNIT_ROUNDOFF[torch.float32]
-        assert_within(theta_out, want, u * want.abs() + F32_TOL * (1 + d.abs()), f"θ' ({theta.dtype}, n={n})")
+        bound = u * want.abs() + F32_TOL * (lr + step.abs()) + (0.0 if decay == 1.0 else u * decayed.abs())
+        assert_within(theta_out, want, bound, f"θ' ({theta.dtype}, n={n}, lr={lr}, decay={decay})")
         for got, ref, name in ((h_out, h_ref, "h'"), (c_out, c_ref, "c'")):
             ref = ref[:, offset:offset + n]
             bound = F32_TOL * (1 + ref.abs()) + UNIT_ROUNDOFF[state_dtype] * ref.abs()
@@ -120,21 +126,42 @@ def check_step(net, thetas, grads, hs, cs, theta_outs, h_outs, c_outs, state_dty
         offset += n
 
 
-def check_step_skipping(net, thetas, grads, hs, cs, theta_outs, h_outs, c_outs, state_dtype):
-    """As :func:`check_step`, where a coordinate whose gradient is NaN or ±inf must keep θ, h and c bit for
-    bit. Returns how many coordinates that was."""
-    good = [torch.isfinite(g.flatten()) for g in grads]
-    for ok, theta, h, c, theta_out, h_out, c_out in zip(good, thetas, hs, cs, theta_outs, h_outs, c_outs):
-        bad = ~ok
-        assert torch.equal(theta_out.flatten()[bad], theta.flatten()[bad]), "θ of a skipped coordinate changed"
-        assert torch.equal(h_out[:, bad], h[:, bad]) and torch.equal(c_out[:, bad], c[:, bad]), "state of a skipped coordinate changed"
+def factors(update: Update) -> tuple[float, float]:
+    """``(lr, 1 − lr·wd)`` as the kernels compute them (float32 lr and wd, the product and difference in
+    float64, rounded to float32), as exact Python floats."""
+    lr = torch.as_tensor(update.lr, dtype=torch.float32).cpu()
+    weight_decay = torch.tensor(update.weight_decay, dtype=torch.float32)
+    return lr.item(), (1.0 - lr.double() * weight_decay.double()).float().item()
 
-    def pick(ts, dim=0):  # the finite coordinates: of flattened θ and ∇ (dim 0), of h and c (dim 1)
-        return [(t.flatten() if dim == 0 else t).index_select(dim, torch.nonzero(m).flatten()) for t, m in zip(ts, good)]
 
-    check_step(net, pick(thetas), pick(grads), pick(hs, 1), pick(cs, 1), pick(theta_outs), pick(h_outs, 1),
-               pick(c_outs, 1), state_dtype)
-    return sum(int((~m).sum()) for m in good)
+def check_group_step(net, thetas, grads, hs, cs, theta_outs, h_outs, c_outs, state_dtype, update=Update()):
+    """The optimizer's step of a group (``Update`` options) against the float64 reference. A coordinate
+    whose gradient is NaN or ±inf keeps θ, h and c bit for bit; one whose gradient is zero keeps h and c bit
+    for bit and θ becomes θ·(1 − lr·wd), rounded once; every other one gets θ' = θ·(1 − lr·wd) + lr·Δ(±∇)
+    within :func:`check_step`'s bounds. Returns how many coordinates were non-finite."""
+    lr, decay = factors(update)
+    finite = [torch.isfinite(g.flatten()) for g in grads]
+    moving = [f & (g.flatten() != 0) for f, g in zip(finite, grads)]
+    for ok, move, *tensors in zip(finite, moving, thetas, hs, cs, theta_outs, h_outs, c_outs):
+        ok, move = ok.cpu(), move.cpu()
+        theta, h, c, theta_out, h_out, c_out = (t.cpu() for t in tensors)
+        hold = ~move
+        assert torch.equal(theta_out.flatten()[~ok], theta.flatten()[~ok]), "θ of a non-finite coordinate changed"
+        assert torch.equal(h_out[:, hold], h[:, hold]) and torch.equal(c_out[:, hold], c[:, hold]), \
+            "state of a non-finite or zero-gradient coordinate changed"
+        still = ok & hold
+        wide = torch.float64 if theta.dtype == torch.float64 else torch.float32
+        decayed = (theta.flatten()[still].to(wide) * decay).to(theta.dtype)
+        assert torch.equal(theta_out.flatten()[still], decayed), "θ of a zero-gradient coordinate is not θ·(1 − lr·wd)"
+
+    def pick(ts, dim=0):  # the moving coordinates: of flattened θ and ∇ (dim 0), of h and c (dim 1)
+        return [(t.flatten() if dim == 0 else t).index_select(dim, torch.nonzero(m.to(t.device)).flatten())
+                for t, m in zip(ts, moving)]
+
+    sign = -1.0 if update.maximize else 1.0
+    check_step(net, pick(thetas), [sign * g for g in pick(grads)], pick(hs, 1), pick(cs, 1), pick(theta_outs),
+               pick(h_outs, 1), pick(c_outs, 1), state_dtype, lr, decay)
+    return sum(int((~f).sum()) for f in finite)
 
 
 def snapshot(opt, params):

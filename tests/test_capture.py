@@ -200,6 +200,51 @@ def test_captured_step_replays_exactly_the_eager_steps(seed, cuda_backend, state
 
 
 @pytest.mark.cuda
+def test_a_scheduler_changes_a_tensor_lr_between_replays(seed, cuda_backend):
+    """A tensor lr on the device is read by the kernel when the graph runs: a scheduler's in-place change
+    reaches every replay, with no new capture, and the replays follow eager steps at the same lr."""
+    net = random_net().cuda()
+    warm = torch.nn.Parameter(torch.randn(3, device="cuda"))
+    warm.grad = torch.randn_like(warm)
+    L2LOptimizer([warm], net=net, backend=cuda_backend).step()  # compile Triton's kernel outside the capture
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in [(40, 7), (9,)]]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    lr = torch.tensor(1.0, device="cuda")
+    opt = L2LOptimizer(params, net=net, backend=cuda_backend, capturable=True, lr=lr, weight_decay=0.1)
+    eager = L2LOptimizer(twins, net=net, backend=cuda_backend, lr=1.0, weight_decay=0.1)
+    schedules = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5) for o in (opt, eager)]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for _ in range(3):
+        for p, twin, g in zip(params, twins, _grads_with_nonfinite(params)):
+            p.grad.copy_(g)
+            twin.grad = g.clone()
+        graph.replay()
+        eager.step()
+        for schedule in schedules:
+            schedule.step()
+    torch.cuda.synchronize()
+    assert opt.param_groups[0]["lr"] is lr and lr.item() == eager.param_groups[0]["lr"] == 0.125
+    for p, twin in zip(params, twins):
+        assert torch.equal(p, twin)
+
+
+@pytest.mark.cuda
+def test_a_capture_with_the_lr_tensor_elsewhere_raises(seed):
+    p = torch.nn.Parameter(torch.randn(4, device="cuda"))
+    opt = L2LOptimizer([p], net=random_net().cuda(), capturable=True, lr=torch.tensor(0.5))  # on the CPU
+    p.grad = torch.randn_like(p)
+    before = snapshot(opt, [p])
+    with pytest.raises(RuntimeError, match="lr tensor on cpu"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            opt.step()
+    assert_unchanged(opt, [p], before)
+
+
+@pytest.mark.cuda
 def test_whole_training_step_is_captured_as_pytorch_documents(seed, cuda_backend):
     """PyTorch's whole-network recipe: warm-up on a side stream, ``zero_grad(set_to_none=True)``, then
     forward, backward and ``step()`` captured (the gradients, and so the launch tables, are made inside the

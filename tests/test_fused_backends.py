@@ -9,8 +9,8 @@ import torch
 
 from l2l_fused import L2LOptimizer, LSTMOptimizerNet, backends
 from l2l_fused.meta import MetaTrainer, QuadraticTask, TrainConfig
-from helpers import (CASES, F32_TOL, UNIT_ROUNDOFF, adversarial_grad, assert_within, backend_or_skip, check_step,
-                     check_step_skipping, grad_for, group_inputs, random_net, random_state)
+from helpers import (CASES, F32_TOL, UNIT_ROUNDOFF, adversarial_grad, assert_within, backend_or_skip, check_group_step,
+                     factors, grad_for, group_inputs, random_net, random_state)
 
 FUSED = [("triton", "cuda"), ("triton", "cpu"), ("native", "cpu"), ("native", "cuda")]
 
@@ -37,7 +37,7 @@ def test_group_step_matches_reference(seed, fused, state_dtype, p, layers, hidde
     outs = [[t.clone() for t in ts] for ts in (thetas, hs, cs)]
     skipped = torch.zeros((), dtype=torch.int64, device=device)
     backends.resolve(name, device, net).group_step(net, *outs[:1], grads, *outs[1:], skipped)
-    check_step(net, thetas, grads, hs, cs, *outs, state_dtype)
+    check_group_step(net, thetas, grads, hs, cs, *outs, state_dtype)
     assert skipped.item() == 0
 
 
@@ -61,11 +61,85 @@ def test_nonfinite_gradients_leave_their_coordinates_alone(seed, any_backend, st
     skipped = torch.zeros((), dtype=torch.int64, device=device)
     impl = backends.resolve(name, device, net)
     impl.group_step(net, *outs[:1], grads, *outs[1:], skipped)
-    total = check_step_skipping(net, thetas, grads, hs, cs, *outs, state_dtype)
+    total = check_group_step(net, thetas, grads, hs, cs, *outs, state_dtype)
     assert skipped.item() == total == sum(int(b.sum()) for b in bads) > 0
 
     impl.group_step(net, *outs[:1], grads, *outs[1:], skipped)  # the count accumulates, step after step
     assert skipped.item() == 2 * total
+
+
+OPTIONS = [  # (lr, weight_decay, maximize); "tensor" is a 0-dim float32 lr on the device
+    (0.3, 0.1, True),
+    ("tensor", 0.0, False),
+    (0.0, 0.5, False),
+    (2.5, 0.0, True),
+]
+
+
+@pytest.mark.parametrize("lr,weight_decay,maximize", OPTIONS)
+def test_group_step_options_match_reference(seed, any_backend, lr, weight_decay, maximize):
+    """lr, decoupled weight decay and maximize inside each backend's step, against the float64 reference,
+    over every parameter dtype and both preprocessing branches, with zero and non-finite gradients."""
+    name, device = any_backend
+    p, layers, hidden, scale, _ = CASES[0]
+    net = random_net(hidden, layers, p, scale).to(device)
+    thetas, grads, hs, cs = group_inputs(net, [1, 7, 1000, 130], torch.float32, device)
+    for g in grads:
+        g[:: 97] = float("nan")
+    lr = torch.tensor(1.7, device=device) if lr == "tensor" else lr
+    update = backends.Update(lr, weight_decay, maximize)
+    outs = [[t.clone() for t in ts] for ts in (thetas, hs, cs)]
+    skipped = torch.zeros((), dtype=torch.int64, device=device)
+    backends.resolve(name, device, net).group_step(net, *outs[:1], grads, *outs[1:], skipped, update)
+    assert skipped.item() == check_group_step(net, thetas, grads, hs, cs, *outs, torch.float32, update) > 0
+
+
+def test_lr_one_is_bit_identical_to_the_plain_step(seed, any_backend):
+    """lr = 1 (a float or a tensor) and no weight decay multiply by exactly 1: the optimizer's step is bit for
+    bit θ + Δ, the step meta-training takes (``step``, the same kernel without the optimizer's options), on
+    every coordinate with a gradient signal."""
+    name, device = any_backend
+    net = random_net().to(device)
+    n = 1000
+    theta = torch.randn(n, device=device)
+    grad = grad_for(n, 10.0, torch.float32).to(device)
+    h, c = (s.to(device) for s in random_state(net, n))
+    impl = backends.resolve(name, device, net)
+    with torch.no_grad():
+        plain, h_plain, c_plain = impl.step(net, theta, grad, h, c)
+    moving = grad != 0
+    assert moving.sum() < n  # the adversarial gradients have exact zeros, which the optimizer holds
+    for update in (backends.Update(), backends.Update(1.0, 0.0, False), backends.Update(torch.tensor(1.0, device=device))):
+        outs = [theta.clone()], [h.clone()], [c.clone()]
+        impl.group_step(net, outs[0], [grad], *outs[1:], torch.zeros((), dtype=torch.int64, device=device), update)
+        assert torch.equal(outs[0][0][moving], plain[moving])
+        assert torch.equal(outs[1][0][:, moving], h_plain[:, moving]) and torch.equal(outs[2][0][:, moving], c_plain[:, moving])
+
+
+@pytest.mark.parametrize("kind", ["mlp", "quadratic"])
+def test_zero_gradients_leave_parameters_where_they_are(any_backend, kind):
+    """The issue that set the rule: ``p.grad = zeros`` for 100 steps moved 1.0 to 2.0 (mlp net) or 2.9
+    (quadratic net). Now such a parameter stays put, and with weight decay it only decays, exactly as
+    AdamW's does: (1 − lr·wd)^steps."""
+    from l2l_fused import pretrained
+
+    name, device = any_backend
+    steps = 5 if device.type == "cpu" and name == "triton" else 100  # the interpreter takes seconds a step
+    net = pretrained(kind).to(device)
+    still, decayed = (torch.nn.Parameter(torch.ones(4, 3, device=device)) for _ in range(2))
+    opt = L2LOptimizer([{"params": [still]}, {"params": [decayed], "weight_decay": 0.01, "lr": 0.5}], net=net,
+                       backend=name)
+    for _ in range(steps):
+        for p in (still, decayed):
+            p.grad = torch.zeros_like(p)
+        opt.step()
+    assert torch.equal(still, torch.ones_like(still))
+    assert not opt.state[still]["h"].any() and not opt.state[still]["c"].any()
+    decay = torch.tensor(factors(backends.Update(0.5, 0.01))[1])
+    expected = torch.tensor(1.0)
+    for _ in range(steps):
+        expected = expected * decay  # rounded to float32 at each step, as the kernels do
+    assert torch.equal(decayed.cpu(), torch.full((4, 3), expected.item()))
 
 
 def _model_params(device):
@@ -111,7 +185,7 @@ def test_group_of_more_tensors_than_one_launch_table_holds(seed, fused):
     outs = [[t.clone() for t in ts] for ts in (thetas, hs, cs)]
     skipped = torch.zeros((), dtype=torch.int64, device=device)
     backends.resolve(name, device, net).group_step(net, *outs[:1], grads, *outs[1:], skipped)
-    check_step(net, thetas, grads, hs, cs, *outs, torch.float32)
+    check_group_step(net, thetas, grads, hs, cs, *outs, torch.float32)
 
 
 def test_optimizer_skips_params_without_grad_and_handles_strided_ones(seed, fused):

@@ -18,13 +18,16 @@ def _set_grads(params, generator=None):
 
 
 def _expected_update(net, params, states):
-    """The reference on the group's concatenated coordinates, in float32."""
+    """The reference on the group's concatenated coordinates, in float32, where a zero gradient's
+    coordinate gets no update (-0.0: θ + Δ is θ exactly) and keeps its state."""
     grad = torch.cat([p.grad.float().flatten() for p in params])
-    h = torch.cat([s[0] for s in states], 1)
-    c = torch.cat([s[1] for s in states], 1)
-    delta, h, c = l2l_update_ref(grad, h, c, net.cell_weights(), net.head.weight, net.head.bias,
+    h_old = torch.cat([s[0] for s in states], 1)
+    c_old = torch.cat([s[1] for s in states], 1)
+    delta, h, c = l2l_update_ref(grad, h_old, c_old, net.cell_weights(), net.head.weight, net.head.bias,
                                  preprocess_p=net.preprocess_p, output_scale=net.output_scale)
-    return delta.detach(), h.detach(), c.detach()
+    zero = grad == 0
+    h, c = (torch.where(zero[None, :, None], old, new) for old, new in ((h_old, h), (c_old, c)))
+    return delta.detach().masked_fill(zero, -0.0), h.detach(), c.detach()
 
 
 def test_group_step_is_the_reference_over_the_flat_group(seed):
@@ -237,7 +240,8 @@ def test_nonfinite_gradients_are_skipped_and_counted_without_poisoning_the_state
         assert params[i].detach().flatten()[j] == before[i].flatten()[j]
         assert torch.equal(opt.state[params[i]]["h"][:, j], states[i][0][:, j])
         assert torch.equal(opt.state[params[i]]["c"][:, j], states[i][1][:, j])
-    assert (params[0].detach() != before[0]).sum() == 30 - 2  # every other coordinate moved
+    moving = (params[0].grad != 0).sum() - 2  # every other coordinate with a gradient signal moved
+    assert (params[0].detach() != before[0]).sum() == moving
 
     _set_grads(params)  # finite again: those coordinates step on from their kept state
     opt.step()
@@ -343,3 +347,139 @@ def test_state_dict_moves_between_cuda_and_cpu(seed):
             assert cpu_opt.state[p_cpu][key].device.type == "cpu"
             assert torch.equal(cpu_opt.state[p_cpu][key], gpu_opt.state[p_gpu][key].cpu())
             assert back.state[p_gpu][key].is_cuda and torch.equal(back.state[p_gpu][key], gpu_opt.state[p_gpu][key])
+
+
+BAD_OPTIONS = [
+    ({"lr": -0.1}, ValueError, "lr must be a finite float >= 0"),
+    ({"lr": float("nan")}, ValueError, "lr must be"),
+    ({"lr": "1e-3"}, ValueError, "lr must be"),
+    ({"lr": True}, ValueError, "lr must be"),
+    ({"lr": torch.ones(2)}, ValueError, "lr as a tensor must be one real floating value"),
+    ({"lr": torch.tensor(1)}, ValueError, "lr as a tensor must be one real floating value"),
+    ({"weight_decay": -1.0}, ValueError, "weight_decay must be a finite float >= 0"),
+    ({"weight_decay": torch.tensor(0.1)}, ValueError, "weight_decay must be a finite float"),
+    ({"maximize": 1}, TypeError, "maximize must be a bool"),
+    ({"momentum": 0.9}, ValueError, "momentum=0.9 is a torch.optim option that L2LOptimizer does not have"),
+    ({"betas": (0.9, 0.999)}, ValueError, "betas="),
+    ({"eps": 1e-8}, ValueError, "eps="),
+    ({"nesterov": True}, ValueError, "nesterov="),
+    ({"amsgrad": False}, ValueError, "amsgrad="),
+    ({"foreach": True}, ValueError, "foreach="),
+    ({"differentiable": True}, ValueError, "differentiable="),
+    ({"decoupled_weight_decay": False}, ValueError, "always decoupled"),
+]
+
+
+@pytest.mark.parametrize("options,error,message", BAD_OPTIONS)
+def test_bad_options_are_refused_by_name_and_change_nothing(seed, options, error, message):
+    """At construction, in add_param_group, and at step() for an option set on a group afterwards (by a
+    user or a scheduler): refused by name, the parameters and the state as they were."""
+    net = random_net()
+    (a,) = _params([(4,)])
+    with pytest.raises(error, match=message):
+        if set(options) <= {"lr", "weight_decay", "maximize"}:  # constructor arguments
+            L2LOptimizer([a], net=net, **options)
+        else:
+            L2LOptimizer([{"params": [a], **options}], net=net)
+    opt = L2LOptimizer([a], net=net)
+    with pytest.raises(error, match=f"param group 1: .*{message}"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], **options})
+    assert len(opt.param_groups) == 1
+    _set_grads([a])
+    opt.step()
+    before = snapshot(opt, [a])
+    opt.param_groups[0].update(options)
+    _set_grads([a])
+    with pytest.raises(error, match=f"param group 0: .*{message}"):
+        opt.step()
+    assert_unchanged(opt, [a], before)
+
+
+def test_neutral_torch_optim_flags_are_accepted(seed):
+    """torch itself adds differentiable=False to an optimizer's defaults on load; foreach/fused=None ask for
+    nothing, and weight decay here is decoupled."""
+    (a,) = _params([(3,)])
+    opt = L2LOptimizer([{"params": [a], "differentiable": False, "foreach": None, "fused": None,
+                         "decoupled_weight_decay": True}], net=random_net())
+    _set_grads([a])
+    opt.step()
+    opt.load_state_dict(opt.state_dict())
+    opt.load_state_dict(opt.state_dict())  # the second load sees the differentiable=False torch added
+    opt.step()
+
+
+def _torch_optim_hyperparameters() -> dict:
+    """Every key of every torch.optim optimizer's defaults, with one optimizer's default for it."""
+    keys = {}
+    for name in dir(torch.optim):
+        cls = getattr(torch.optim, name)
+        if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)) or cls is torch.optim.Optimizer:
+            continue
+        param = torch.nn.Parameter(torch.zeros(2, 2))
+        try:
+            optimizer = cls([param], lr=0.01) if "lr" in cls.__init__.__code__.co_varnames else cls([param])
+        except (TypeError, ValueError, RuntimeError):
+            continue
+        for key, value in optimizer.defaults.items():
+            keys.setdefault(key, value)
+    return keys
+
+
+def test_every_torch_optim_hyperparameter_is_honoured_or_refused(seed):
+    """Derived from the torch installed, so a key a new torch adds fails here until it is decided."""
+    keys = _torch_optim_hyperparameters()
+    assert {"lr", "momentum", "betas", "weight_decay", "maximize"} <= set(keys)
+    (a,) = _params([(3,)])
+    net = random_net()
+    honoured = {"lr": 0.5, "weight_decay": 0.01, "maximize": True, "capturable": False}
+    for key, default in sorted(keys.items()):
+        if key in honoured:
+            opt = L2LOptimizer([{"params": [a], key: honoured[key]}], net=net)
+            assert opt.param_groups[0][key] == honoured[key]
+            continue
+        # a value other than the one that asks for nothing: True for flags, else the default itself
+        value = (not default) if isinstance(default, bool) or default is None else default
+        if key == "decoupled_weight_decay":
+            value = False
+        with pytest.raises(ValueError, match=f"{key}="):
+            L2LOptimizer([{"params": [a], key: value}], net=net)
+
+
+def test_deepcopy_and_pickle_give_working_independent_optimizers(seed):
+    import pickle
+
+    net = random_net()
+    params = _params([(6,), (2, 3)])
+    opt = L2LOptimizer(params, net=net, lr=0.5, weight_decay=0.01)
+    _set_grads(params)
+    params[0].grad[0] = float("nan")
+    opt.step()
+    for copy_of in (copy.deepcopy, lambda o: pickle.loads(pickle.dumps(o))):
+        twin = copy_of(opt)
+        assert twin.skipped_coordinates().item() == 1
+        twin_params = [p for g in twin.param_groups for p in g["params"]]
+        before = [p.detach().clone() for p in params]
+        for p, q in zip(params, twin_params):
+            q.grad = torch.randn_like(q)
+        twin.step()  # AttributeError: _skipped, before
+        assert all(torch.equal(p, b) for p, b in zip(params, before))  # the copy steps its own parameters
+        buffer = io.BytesIO()
+        torch.save(twin.state_dict(), buffer)  # still holds net configs, not modules
+        buffer.seek(0)
+        assert torch.load(buffer, weights_only=True)["param_groups"][0]["net"] == net.config()
+
+
+def test_import_loads_neither_triton_nor_distributed_tensor():
+    """Over a second of imports that not every user needs. (Making any torch.optim optimizer, this one
+    included, loads both anyway: Optimizer.add_param_group is wrapped by torch._disable_dynamo, whose first
+    call imports torch._dynamo. What stays ours not to load is the Triton kernels, on a CPU step.)"""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, l2l_fused\n"
+            "assert 'triton' not in sys.modules and 'torch.distributed.tensor' not in sys.modules, 'on import'\n"
+            "p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3)\n"
+            "opt = l2l_fused.L2LOptimizer([p], net=l2l_fused.LSTMOptimizerNet(), backend='reference'); opt.step()\n"
+            "assert 'l2l_fused.triton_math' not in sys.modules, 'on a CPU step'\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)

@@ -1,11 +1,13 @@
 """Property test: L2LOptimizer on random groups of tensors (shapes, dtypes, gradients with NaN, ±inf and
-zeros) steps every finite coordinate as the float64 reference does and leaves every other one alone."""
+zeros; lr, weight decay, maximize) steps every finite nonzero coordinate as the float64 reference does,
+only decays zero-gradient ones and leaves non-finite ones alone."""
 
 import pytest
 import torch
 
 from l2l_fused import L2LOptimizer
-from helpers import backend_or_skip, check_step_skipping, random_net
+from l2l_fused.backends import Update
+from helpers import backend_or_skip, check_group_step, random_net
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -32,7 +34,11 @@ def problems(draw):
         mask = torch.rand(shape, generator=generator) < special_fraction
         picks = torch.tensor(SPECIAL, dtype=torch.float64)[torch.randint(len(SPECIAL), shape, generator=generator)]
         grads.append(torch.where(mask, picks, g).to(dtype))
-    return params, grads, draw(st.sampled_from([torch.float32, torch.bfloat16]))
+    options = {"lr": draw(st.sampled_from([1.0, 0.37, 0.0, "tensor"])), "weight_decay": draw(st.sampled_from([0.0, 0.1])),
+               "maximize": draw(st.booleans())}
+    if options["lr"] == "tensor":  # a tensor lr of another dtype: the optimizer reads it as float32
+        options["lr"] = torch.tensor(2.5, dtype=torch.float64)
+    return params, grads, draw(st.sampled_from([torch.float32, torch.bfloat16])), options
 
 
 @pytest.mark.parametrize("backend", ["reference", "native"])
@@ -40,9 +46,9 @@ def problems(draw):
 @given(problem=problems())
 def test_optimizer_matches_reference_and_never_corrupts(backend, problem):
     backend_or_skip(backend, "cpu")
-    params, grads, state_dtype = problem
+    params, grads, state_dtype, options = problem
     net = random_net()
-    opt = L2LOptimizer(params, net=net, backend=backend, state_dtype=state_dtype)
+    opt = L2LOptimizer(params, net=net, backend=backend, state_dtype=state_dtype, **options)
     total = 0
     for step in range(2):  # the first step starts from zero state; the second from what the first left
         for p, g in zip(params, grads):
@@ -52,8 +58,8 @@ def test_optimizer_matches_reference_and_never_corrupts(backend, problem):
                   else net.init_state(p.numel(), dtype=state_dtype) for p in params]
         hs, cs = [h for h, _ in states], [c for _, c in states]
         opt.step()
-        total += check_step_skipping(net, thetas, [g.flatten() for g in grads], hs, cs,
-                                     [p.detach().flatten() for p in params], [opt.state[p]["h"] for p in params],
-                                     [opt.state[p]["c"] for p in params], state_dtype)
+        total += check_group_step(net, thetas, [g.flatten() for g in grads], hs, cs,
+                                  [p.detach().flatten() for p in params], [opt.state[p]["h"] for p in params],
+                                  [opt.state[p]["c"] for p in params], state_dtype, Update(**options))
         assert all(torch.isfinite(opt.state[p][k]).all() for p in params for k in ("h", "c"))
     assert opt.skipped_coordinates().item() == total

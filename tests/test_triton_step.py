@@ -7,7 +7,7 @@ import torch
 
 from l2l_fused import L2LOptimizer, available_backends
 from l2l_fused import backends, triton_step
-from l2l_fused.triton_math import INTERPRETED
+from l2l_fused.triton_backend import INTERPRETED
 from helpers import CASES, check_step, group_inputs, random_net, random_state
 
 pytestmark = pytest.mark.skipif(triton_step.triton is None, reason="needs triton")
