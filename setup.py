@@ -76,6 +76,9 @@ setup(
     # triton: the fused kernels (on the CPU, its interpreter runs them for the tests); Linux wheels only.
     # scikit-learn: the handwritten digits the MLP and conv tasks train on by default.
     install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib", "scikit-learn", "triton; platform_system == 'Linux'"],
-    extras_require={"test": ["pytest", "hypothesis"]},
+    # Exact pins for the client-stack tests (tests/test_clients.py): versions checked together with torch 2.13.0
+    # on Python 3.11. Each test skips where its package is missing.
+    extras_require={"test": ["pytest", "hypothesis", "pytorch-lightning==2.6.6", "transformers==5.24.0",
+                             "accelerate==1.15.0"]},
     entry_points={"console_scripts": ["l2l-fused=l2l_fused.cli:main"]},
 )
