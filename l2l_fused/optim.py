@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import numbers
 import sys
 from collections import defaultdict
 from typing import Optional, Union
@@ -35,17 +37,22 @@ def _check_bool(value, where: str) -> None:
         raise TypeError(f"{where} must be a bool, got {value!r}")
 
 
+def _is_number(value) -> bool:
+    """A real number a scheduler may leave in a group: a float, an int, a NumPy scalar; not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, Tensor))
+
+
 def _check_lr(value, where: str) -> None:
     if isinstance(value, Tensor):
-        if value.numel() != 1 or value.dim() > 1 or not value.is_floating_point():
-            raise ValueError(f"{where} as a tensor must be one real floating value (0-dim), got {value.dtype} "
+        if value.numel() != 1 or not value.is_floating_point():
+            raise ValueError(f"{where} as a tensor must hold one real floating value, got {value.dtype} "
                              f"of shape {list(value.shape)}")
-    elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < math.inf:
-        raise ValueError(f"{where} must be a finite float >= 0 or a 0-dim tensor, got {value!r}")
+    elif not _is_number(value) or not 0.0 <= value < math.inf:
+        raise ValueError(f"{where} must be a finite float >= 0 or a one-element tensor, got {value!r}")
 
 
 def _check_weight_decay(value, where: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < math.inf:
+    if not _is_number(value) or not 0.0 <= value < math.inf:
         raise ValueError(f"{where} must be a finite float >= 0, got {value!r}")
 
 
@@ -111,7 +118,7 @@ class L2LOptimizer(Optimizer):
         net: the ``LSTMOptimizerNet`` for groups that name none (groups may each bring their own, e.g.
             one net for conv and one for fully connected parameters). Its weights are read, not trained.
         lr: a multiplier of the learned update (default 1.0: the update the net was meta-trained to make).
-            A float >= 0, or a 0-dim tensor, which the kernels read on the device when they run: a
+            A float >= 0, or a one-element tensor, which the kernels read on the device when they run: a
             scheduler then changes it in place without a host sync and without a new CUDA graph capture
             (put it on the parameters' device for that). Every ``torch.optim.lr_scheduler`` works on it.
         weight_decay: decoupled weight decay, AdamW's form: ``p ← p·(1 − lr·weight_decay)`` before the
@@ -236,8 +243,10 @@ class L2LOptimizer(Optimizer):
                 by_device[p.device].append(p)
             for device, params in by_device.items():
                 lr = group["lr"]
-                if isinstance(lr, Tensor):  # read where the kernel runs, as float32 (a no-op when it is so)
-                    lr = lr.to(device=device, dtype=torch.float32)
+                if isinstance(lr, Tensor):  # read where the kernel runs, as one float32 (no-ops when it is so)
+                    lr = lr.to(device=device, dtype=torch.float32).reshape(())
+                else:
+                    lr = float(lr)
                 update = backends.Update(lr, float(group["weight_decay"]), group["maximize"])
                 plan.append((group, backends.resolve(group["backend"], device, net), params, update))
         return plan
@@ -335,7 +344,8 @@ class L2LOptimizer(Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        groups, saved_groups = self.param_groups, state_dict["param_groups"]
+        # A copy, as torch.optim takes: the loaded groups must share nothing (a tensor lr, say) with the source.
+        groups, saved_groups = self.param_groups, copy.deepcopy(state_dict["param_groups"])
         if len(groups) != len(saved_groups):
             raise ValueError(
                 f"state_dict has {len(saved_groups)} param groups, this optimizer {len(groups)}"
@@ -392,6 +402,11 @@ class L2LOptimizer(Optimizer):
 
 
 def _nets_to_configs(optimizer: L2LOptimizer, state_dict: dict) -> dict:
+    """Keeps a state dict loadable with ``torch.load(weights_only=True)``: each net as its config, and a
+    NumPy lr (a ``LambdaLR`` whose lambda returns ``np.float32``, say) as a Python float."""
     for group in state_dict["param_groups"]:
         group["net"] = group["net"].config()
+        for key in ("lr", "weight_decay"):
+            if _is_number(group[key]) and type(group[key]) is not float:
+                group[key] = float(group[key])
     return state_dict
