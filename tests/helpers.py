@@ -181,9 +181,9 @@ def assert_unchanged(opt, params, snapshot):
 
 
 def backend_or_skip(name: str, device: str) -> tuple[str, torch.device]:
-    """``(name, device)`` where that backend runs here; the calling test is skipped otherwise."""
+    """``(name, device)`` where that backend (or "auto") runs here; the calling test is skipped otherwise."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    if name not in available_backends(device):
+    if name != "auto" and name not in available_backends(device):
         pytest.skip(f"{name} is not available on {device} here")
     return name, torch.device(device)
