@@ -162,26 +162,36 @@ def cuda_backend(request):
     return backend_or_skip(request.param, "cuda")[0]
 
 
+def _warm_up(net, backend, **options):
+    """Triton compiles and loads a kernel at its first launch: host work, done before any capture."""
+    warm = torch.nn.Parameter(torch.randn(3, device="cuda"))
+    warm.grad = torch.randn_like(warm)
+    L2LOptimizer([warm], net=net, backend=backend, **options).step()
+
+
+def _capture_step(opt, params):
+    """``opt.step()`` captured as the optimizer's first step, reading gradients that replays refill in place."""
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    return graph
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
 def test_captured_step_replays_exactly_the_eager_steps(seed, cuda_backend, state_dtype):
     """The optimizer's step alone, captured as its first step, with gradients the graph reads in place:
     replays give bit for bit the eager steps, skipping included, and read φ as it is when they run."""
     net = random_net().cuda()
-    warm = torch.nn.Parameter(torch.randn(3, device="cuda"))
-    warm.grad = torch.randn_like(warm)
-    # Triton compiles and loads a kernel at its first launch: host work, done before any capture
-    L2LOptimizer([warm], net=net, backend=cuda_backend, state_dtype=state_dtype).step()
+    _warm_up(net, cuda_backend, state_dtype=state_dtype)
     shapes = [(300, 7), (11,), (5, 5), (1,)]
     params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
     eager = L2LOptimizer(twins, net=net, backend=cuda_backend, state_dtype=state_dtype)
     opt = L2LOptimizer(params, net=net, backend=cuda_backend, state_dtype=state_dtype, capturable=True)
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt.step()
+    graph = _capture_step(opt, params)
     for step in range(4):
         if step == 2:
             with torch.no_grad():
@@ -204,20 +214,14 @@ def test_a_scheduler_changes_a_tensor_lr_between_replays(seed, cuda_backend):
     """A tensor lr on the device is read by the kernel when the graph runs: a scheduler's in-place change
     reaches every replay, with no new capture, and the replays follow eager steps at the same lr."""
     net = random_net().cuda()
-    warm = torch.nn.Parameter(torch.randn(3, device="cuda"))
-    warm.grad = torch.randn_like(warm)
-    L2LOptimizer([warm], net=net, backend=cuda_backend).step()  # compile Triton's kernel outside the capture
+    _warm_up(net, cuda_backend)
     params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in [(40, 7), (9,)]]
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
     lr = torch.tensor(1.0, device="cuda")
     opt = L2LOptimizer(params, net=net, backend=cuda_backend, capturable=True, lr=lr, weight_decay=0.1)
     eager = L2LOptimizer(twins, net=net, backend=cuda_backend, lr=1.0, weight_decay=0.1)
     schedules = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5) for o in (opt, eager)]
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt.step()
+    graph = _capture_step(opt, params)
     for _ in range(3):
         for p, twin, g in zip(params, twins, _grads_with_nonfinite(params)):
             p.grad.copy_(g)

@@ -901,44 +901,26 @@ def _stepping_optimizer():
     return p, L2LOptimizer([p], net=random_net())
 
 
-def test_step_post_hook(seed):
-    """test_step_post_hook: runs after the update, until removed."""
+@pytest.mark.parametrize("when", ["pre", "post"])
+def test_step_pre_and_post_hooks(seed, when):
+    """test_step_pre_hook, test_step_post_hook: a hook runs before (pre) or after (post) the update, at
+    every step, until removed."""
     p, opt = _stepping_optimizer()
-    data, seen = [2], []
+    calls, seen = [0], []
 
-    def post_hook(opt, args, kwargs):
-        data[0] += 2
+    def hook(opt, args, kwargs):
+        calls[0] += 1
         seen.append(p.detach().clone())
 
-    handle = opt.register_step_post_hook(post_hook)
+    handle = (opt.register_step_pre_hook if when == "pre" else opt.register_step_post_hook)(hook)
     before = p.detach().clone()
     opt.step()
-    assert not torch.equal(seen[0], before) and torch.equal(seen[0], p)
+    assert not torch.equal(p, before) and torch.equal(seen[0], before if when == "pre" else p)
     opt.step()
-    assert data[0] == 6
+    assert calls[0] == 2
     handle.remove()
     opt.step()
-    assert data[0] == 6
-
-
-def test_step_pre_hook(seed):
-    """test_step_pre_hook: runs before the update, until removed."""
-    p, opt = _stepping_optimizer()
-    data, seen = [5], []
-
-    def pre_hook(opt, args, kwargs):
-        data[0] += 2
-        seen.append(p.detach().clone())
-
-    handle = opt.register_step_pre_hook(pre_hook)
-    before = p.detach().clone()
-    opt.step()
-    assert torch.equal(seen[0], before) and not torch.equal(p, before)
-    opt.step()
-    assert data[0] == 9
-    handle.remove()
-    opt.step()
-    assert data[0] == 9
+    assert calls[0] == 2
 
 
 def test_step_all_hooks(seed):
