@@ -976,9 +976,11 @@ def _copy_steps_on(opt, copied):
     fresh.load_state_dict(saved)
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 @pytest.mark.parametrize("option", OPTION_NAMES)
-def test_deepcopy_copies_all_public_attrs(seed, option):
-    """test_deepcopy_copies_all_public_attrs, after some state; and the copy is a working optimizer."""
+def test_deepcopy_copies_all_public_attrs(seed, option, how):
+    """test_deepcopy_copies_all_public_attrs, after some state, and the pickle round trip that
+    Optimizer.__setstate__ supports (multiprocessing): the copy is a working optimizer of its own."""
     params = [Parameter(torch.randn(2, 3)) for _ in range(2)]
     for p in params:
         p.grad = torch.rand_like(p)
@@ -986,21 +988,9 @@ def test_deepcopy_copies_all_public_attrs(seed, option):
     for _ in range(3):
         opt.step()
     public = lambda o: {k for k in o.__dict__ if not k.startswith("_")}  # noqa: E731
-    copied = copy.deepcopy(opt)
+    copied = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
     assert public(opt) == public(copied)
     _copy_steps_on(opt, copied)
-
-
-@pytest.mark.parametrize("option", ["default", "all"])
-def test_pickled_optimizer_steps_on(seed, option):
-    """The pickle round trip Optimizer.__setstate__ supports (multiprocessing): a working optimizer."""
-    params = [Parameter(torch.randn(2, 3)) for _ in range(2)]
-    for p in params:
-        p.grad = torch.rand_like(p)
-    opt = L2LOptimizer(params, net=random_net(), **_options(option))
-    for _ in range(3):
-        opt.step()
-    _copy_steps_on(opt, pickle.loads(pickle.dumps(opt)))
 
 
 @pytest.mark.parametrize("how", ["load_state_dict", "deepcopy", "pickle"])
