@@ -36,14 +36,19 @@ class Update:
     Δ is the learned update of the gradient ∇, or of −∇ with ``maximize``. ``lr`` and ``wd`` are rounded to
     float32; ``1 − lr · wd`` is computed in float64 (where the product of two float32 is exact, so fused
     or not, every kernel gets the same bits) and rounded to float32; ``lr · Δ`` is float32; the sum is taken
-    in float32 (float64 for float64 θ) and rounded once to θ's dtype. At ``lr = 1``, ``weight_decay = 0`` both factors are exact, so the step is
-    bit for bit ``θ + Δ``. ``lr`` may be a 0-dim float32 tensor on the parameters' device, read by the
-    kernel when it runs (a scheduler's in-place change needs no host sync and no new CUDA graph).
+    in float32 (float64 for float64 θ) and rounded once to θ's dtype. At ``lr = 1``, ``weight_decay = 0``
+    both factors are exact, so the step is bit for bit ``θ + Δ``. ``lr`` may be a 0-dim float32 tensor on
+    the parameters' device, read by the kernel when it runs (a scheduler's in-place change needs no host
+    sync and no new CUDA graph).
     """
 
     lr: Union[float, Tensor] = 1.0
     weight_decay: float = 0.0
     maximize: bool = False
+
+    def lr_arguments(self) -> tuple[Optional[Tensor], float]:
+        """``(lr tensor or None, lr number)`` as the kernels take them: the number is read only without a tensor."""
+        return (self.lr, 1.0) if isinstance(self.lr, Tensor) else (None, self.lr)
 
 
 def _supports_any(net) -> Optional[str]:
@@ -101,10 +106,12 @@ def preload(name: str, device, net=None) -> None:
     """Load the kernels of the backend that ``name`` resolves to on ``device``, if it resolves there: done
     when a param group is added, so that no step (which torch.compile may trace, or a CUDA graph capture)
     is the first to import them. Resolution errors are left to the step, which reports them."""
-    names = available(device, net)
-    chosen = names[0] if name == AUTO else (name if name in names else None)
-    if chosen is not None and _REGISTRY[chosen].load is not None:
-        _REGISTRY[chosen].load()
+    try:
+        backend = resolve(name, device, net)
+    except ValueError:
+        return
+    if backend.load is not None:
+        backend.load()
 
 
 def check_name(name, net=None) -> None:

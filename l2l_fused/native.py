@@ -90,10 +90,8 @@ def group_step(net, params, grads, hs, cs, skipped, update: backends.Update = ba
             packed = pack(net).to(params[0].device)
     else:
         packed = _PACKED.setdefault(id(net), _PackedCache()).get(net, params[0].device)
-    lr_tensor = update.lr if isinstance(update.lr, Tensor) else None
-    torch.ops.l2l_fused.native_group_step(params, grads, hs, cs, packed, skipped, *_shape(net), lr_tensor,
-                                          1.0 if lr_tensor is not None else update.lr, update.weight_decay,
-                                          update.maximize)
+    torch.ops.l2l_fused.native_group_step(params, grads, hs, cs, packed, skipped, *_shape(net), *update.lr_arguments(),
+                                          update.weight_decay, update.maximize)
 
 
 def _sizes(h: Tensor, preprocess_p) -> tuple[int, int, int]:

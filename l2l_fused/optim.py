@@ -68,6 +68,15 @@ _NOT_HONOURED = frozenset({
 _NEUTRAL = {"differentiable": False, "foreach": None, "fused": None, "decoupled_weight_decay": True}
 
 
+def _check_values(options: dict, prefix: str) -> None:
+    """The values of the numeric and flag options, each error naming ``prefix`` and the option."""
+    _check_state_dtype(options["state_dtype"], f"{prefix}state_dtype")
+    _check_bool(options["capturable"], f"{prefix}capturable")
+    _check_lr(options["lr"], f"{prefix}lr")
+    _check_weight_decay(options["weight_decay"], f"{prefix}weight_decay")
+    _check_bool(options["maximize"], f"{prefix}maximize")
+
+
 def _check_options(group: dict, where: str) -> None:
     """Every option of a group, named in any error; types only (a tensor lr's value is never read here)."""
     for key in sorted(_NOT_HONOURED.intersection(group)):
@@ -77,11 +86,7 @@ def _check_options(group: dict, where: str) -> None:
                              f"have{hint}; its options are {sorted(_OPTIONS)}")
     _check_net(group["net"], where)
     backends.check_name(group["backend"], group["net"])
-    _check_state_dtype(group["state_dtype"], f"{where}: state_dtype")
-    _check_bool(group["capturable"], f"{where}: capturable")
-    _check_lr(group["lr"], f"{where}: lr")
-    _check_weight_decay(group["weight_decay"], f"{where}: weight_decay")
-    _check_bool(group["maximize"], f"{where}: maximize")
+    _check_values(group, f"{where}: ")
 
 
 _OPTIONS = ("net", "backend", "state_dtype", "capturable", "lr", "weight_decay", "maximize")
@@ -154,14 +159,10 @@ class L2LOptimizer(Optimizer):
     ) -> None:
         defaults = {"net": net, "backend": backend, "state_dtype": state_dtype, "capturable": capturable, "lr": lr,
                     "weight_decay": weight_decay, "maximize": maximize}
-        if net is not None:
+        if net is not None:  # else every group must bring its own, which add_param_group checks
             _check_net(net, "net")
         backends.check_name(backend, net)
-        _check_state_dtype(state_dtype, "state_dtype")
-        _check_bool(capturable, "capturable")
-        _check_lr(lr, "lr")
-        _check_weight_decay(weight_decay, "weight_decay")
-        _check_bool(maximize, "maximize")
+        _check_values(defaults, "")
         self._skipped: dict[torch.device, Tensor] = {}  # per device: coordinates skipped for a non-finite ∇
         self._dtensor = None
         super().__init__(params, defaults)

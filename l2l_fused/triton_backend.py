@@ -38,10 +38,9 @@ def step(net, theta, grad, h, c, saved_state_dtype=None):
 
 def group_step(net, params, grads, hs, cs, skipped, update: backends.Update = backends.Update()):
     triton_step = _kernels()[0]
-    lr_tensor = update.lr if isinstance(update.lr, torch.Tensor) else None
     triton_step._group_step_op(params, grads, hs, cs, skipped, triton_step.net_weights(net, params[0].device),
-                               net.preprocess_p, net.output_scale, lr_tensor, 1.0 if lr_tensor is not None else update.lr,
-                               update.weight_decay, update.maximize)
+                               net.preprocess_p, net.output_scale, *update.lr_arguments(), update.weight_decay,
+                               update.maximize)
 
 
 def supports(net) -> Optional[str]:
