@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import device_info, median_ms, write_results  # noqa: E402
 
-from l2l_fused import available_backends, backends, reference_backend  # noqa: E402
+from l2l_fused import available_backends  # noqa: E402
+from l2l_fused.ops import interface  # noqa: E402
 from bench_step import paper_net  # noqa: E402
 
 
@@ -67,12 +68,13 @@ def main(argv=None) -> int:
         p.requires_grad_(True)
     info = device_info(device)
     print(f"{info['device']}: T = {args.steps}", flush=True)
-    impls = [("reference (eager)", reference_backend.step)]
+    reference = interface.resolve("reference", device).step
+    impls = [("reference (eager)", reference)]
     if device.type == "cuda":
-        impls.append(("reference (torch.compile)", torch.compile(reference_backend.step)))
+        impls.append(("reference (torch.compile)", torch.compile(reference)))
     for name in ("triton", "native"):
         if name in available_backends(device):
-            step = backends.resolve(name, device).step
+            step = interface.resolve(name, device).step
             impls += [(name, step),
                       (f"{name}, bf16 saved state", lambda net, x, g, h, c, step=step: step(net, x, g, h, c, torch.bfloat16))]
     rows = []

@@ -4,7 +4,7 @@ Implementations: the eager reference (``backend="reference"``), ``torch.compile`
 Triton and native steps where available (float32 and bfloat16 state), and ``torch.optim.Adam`` (fused on
 a GPU) for scale. Cases: one flat
 tensor of N coordinates, and the parameter list of a ~110M-parameter transformer (196 tensors) beside a
-flat tensor of the same size. Reports the median time, coordinates/s, effective bandwidth (SPEC §4: 652 B
+flat tensor of the same size. Reports the median time, coordinates/s, effective bandwidth (docs/spec.md §4: 652 B
 per coordinate with float32 state, 332 B with bfloat16, 28 B for Adam) as a fraction of the measured
 copy bandwidth, and the memory each step allocates beyond the resident tensors.
 
@@ -23,7 +23,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import copy_bandwidth, device_info, median_ms, peak_extra_bytes, write_results  # noqa: E402
 
-from l2l_fused import LSTMOptimizerNet, available_backends, backends, l2l_update_ref, reference_backend, triton_step  # noqa: E402
+from l2l_fused import LSTMOptimizerNet, available_backends, l2l_update_ref  # noqa: E402
+from l2l_fused.ops import interface  # noqa: E402
+from l2l_fused.ops.layout import NetShape  # noqa: E402
 
 BYTES_PER_COORDINATE = {"float32": 652, "bfloat16": 332}
 ADAM_BYTES_PER_COORDINATE = 28
@@ -65,15 +67,16 @@ def implementations(case: Case, net, compile_reference: bool):
     h32, c32 = case.state(net, torch.float32)
     h16, c16 = case.state(net, torch.bfloat16)
     skipped = torch.zeros((), dtype=torch.int64, device=case.device)
+    reference = interface.resolve("reference", case.device).group_step
     impls = [("reference (eager)", BYTES_PER_COORDINATE["float32"],
-              lambda: reference_backend.group_step(net, case.params, case.grads, h32, c32, skipped))]
+              lambda: reference(net, case.params, case.grads, h32, c32, skipped))]
     if compile_reference:
-        compiled = torch.compile(reference_backend.group_step, dynamic=False)
+        compiled = torch.compile(reference, dynamic=False)
         impls.append(("reference (torch.compile)", BYTES_PER_COORDINATE["float32"],
                       lambda: compiled(net, case.params, case.grads, h32, c32, skipped)))
     for name in ("triton", "native"):
         if name in available_backends(case.device):
-            group_step = backends.resolve(name, case.device).group_step
+            group_step = interface.resolve(name, case.device).group_step
             impls += [
                 (name, BYTES_PER_COORDINATE["float32"], lambda g=group_step: g(net, case.params, case.grads, h32, c32, skipped)),
                 (f"{name}, bf16 state", BYTES_PER_COORDINATE["bfloat16"],
@@ -150,7 +153,9 @@ def sweep(device, net, n: int) -> list[dict]:
     float64 reference on the first 100k coordinates."""
     case = Case(f"flat {n:.0e}", [(n,)], device)
     h, c = case.state(net, torch.float32)
-    weights = triton_step.net_weights(net, device)
+    from l2l_fused.ops.triton import forward as triton_forward
+
+    weights = net.kernel_weights(device)
     m = 100_000
     net64 = copy.deepcopy(net).double()
     with torch.no_grad():
@@ -162,8 +167,8 @@ def sweep(device, net, n: int) -> list[dict]:
     rows = []
     for precision, block_n, warps in SWEEP:
         def fn():
-            triton_step.launch_forward([(theta, out[0], case.grads[0], h[0], out[1], c[0], out[2])], weights,
-                                       net.preprocess_p, net.output_scale, block_n, precision, warps)
+            triton_forward.launch_forward([(theta, out[0], case.grads[0], h[0], out[1], c[0], out[2])], weights,
+                                          NetShape.of(net), block_n=block_n, dot_precision=precision, num_warps=warps)
         fn()
         err = max(((out[0][:m].double() - theta[:m].double()) - delta64).abs().max().item(),
                   (out[1][:, :m].double() - h64).abs().max().item(),
@@ -189,9 +194,12 @@ def main(argv=None) -> int:
     info = device_info(device)
     bandwidth = copy_bandwidth(device, 2.0 if device.type == "cuda" else 0.25)
     print(f"{info['device']}: copy bandwidth {bandwidth:.0f} GB/s (read + write)", flush=True)
-    payload = {**info, "copy_bandwidth_gbps": bandwidth,
-               "config": {"block_n": triton_step.BLOCK_N, "num_warps": triton_step.NUM_WARPS,
-                          "dot_precision": triton_step.DOT_PRECISION}, "rows": []}
+    payload = {**info, "copy_bandwidth_gbps": bandwidth, "rows": []}
+    if "triton" in available_backends(device):
+        from l2l_fused.ops.triton import forward as triton_forward
+
+        payload["config"] = {"block_n": triton_forward.BLOCK_N, "num_warps": triton_forward.NUM_WARPS,
+                             "dot_precision": triton_forward.DOT_PRECISION}
     if args.sweep and device.type == "cuda":
         payload["sweep"] = sweep(device, net, 10_000_000)
     # One case alive at a time: at 100M coordinates a case's state alone is 32 GB.

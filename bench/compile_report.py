@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from typing import NamedTuple
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("compile_report: unset TRITON_INTERPRET (the interpreter compiles nothing)")
@@ -24,15 +25,16 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from l2l_fused import triton_backward, triton_step  # noqa: E402
+from l2l_fused.ops.layout import NetShape  # noqa: E402
+from l2l_fused.ops.triton import backward as triton_backward  # noqa: E402
+from l2l_fused.ops.triton import forward as triton_step  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 HOPPER_SHARED_PER_BLOCK = 227 * 1024  # an H100 block's opt-in maximum; a kernel asking more fails to launch
 
 
 def forward_signature(num_layers: int) -> dict:
-    return {"table_ptr": "*i64", "block_tensor_ptr": "*i32", "cells": tuple(["*fp32"] * (4 * num_layers)),
-            "head_w_ptr": "*fp32", "head_b_ptr": "*fp32", "skipped_ptr": "*i64", "lr_ptr": "*fp32",
+    return {"table_ptr": "*i64", "block_tensor_ptr": "*i32", "w_ptr": "*fp32", "skipped_ptr": "*i64", "lr_ptr": "*fp32",
             "output_scale": "fp32", "inv_p": "fp32", "threshold": "fp32", "exp_p": "fp32", "lr": "fp32",
             "weight_decay": "fp32"}
 
@@ -46,9 +48,9 @@ def forward_configs():
         (1, 20, 1, tl.float32, True, False), (3, 64, 2, tl.float32, True, False), (1, 33, 2, tl.bfloat16, True, False),
         (2, 5, 2, tl.float32, True, False), (2, 20, 2, tl.float32, False, False),
     ]:
-        constexprs = {"L": layers, "H": hidden, "HP": max(16, triton.next_power_of_2(hidden)), "IN": features,
+        constexprs = {"L": layers, "H": hidden, "HP": triton_step.padded(hidden), "IN": features,
                       "PREPROCESS": features == 2, "STATE_DTYPE": state,
-                      "BLOCK_N": triton_step.forward_block(max(16, triton.next_power_of_2(hidden))),
+                      "BLOCK_N": triton_step.forward_block(triton_step.padded(hidden)),
                       "DOT_PRECISION": triton_step.DOT_PRECISION, "GROUP_STEP": group, "LR_TENSOR": lr_tensor,
                       "MAXIMIZE": lr_tensor}
         lr = " lr=tensor maximize" if lr_tensor else ""
@@ -58,15 +60,13 @@ def forward_configs():
 
 def backward_configs():
     for layers, hidden, features in [(2, 20, 2), (1, 20, 1), (3, 64, 2), (2, 5, 2)]:
-        layout = triton_backward.weight_grad_layout(layers, hidden, features)
-        constexprs = {"L": layers, "H": hidden, "HP": max(16, triton.next_power_of_2(hidden)), "IN": features,
+        packed = NetShape(layers, hidden, features, 10.0 if features == 2 else None, 0.1).packed_size
+        constexprs = {"L": layers, "H": hidden, "HP": triton_step.padded(hidden), "IN": features,
                       "PREPROCESS": features == 2, "BLOCK_N": triton_step.BLOCK_N,
-                      "DOT_PRECISION": triton_step.DOT_PRECISION, "ROW": layout[-1][0] + 1,
-                      "LAYER0": sum(size for _, size in layout[:3]),
-                      "LAYER": sum(size for _, size in layout[3:6]) if layers > 1 else 0}
+                      "DOT_PRECISION": triton_step.DOT_PRECISION, "ROW": packed}
         signature = {name: "*fp32" for name in ("grad_ptr", "h_ptr", "c_ptr", "dtheta_ptr", "dh_next_ptr", "dc_next_ptr",
-                                                "dh_ptr", "dc_ptr", "partial_ptr", "head_w_ptr", "head_b_ptr")}
-        signature.update(cells=tuple(["*fp32"] * (4 * layers)), n="i32", num_blocks="i32", output_scale="fp32",
+                                                "dh_ptr", "dc_ptr", "partial_ptr", "w_ptr")}
+        signature.update(n="i32", num_blocks="i32", output_scale="fp32",
                          inv_p="fp32", threshold="fp32", exp_p="fp32")
         yield f"backward L={layers} H={hidden} in={features}", constexprs, signature
 
@@ -83,26 +83,51 @@ def resource_usage(cubin: bytes) -> str:
     return " ".join(line.strip() for line in out.splitlines() if "REG:" in line)
 
 
+class Job(NamedTuple):
+    name: str
+    kernel: object  # the @triton.jit function
+    options: dict  # triton.compile options
+    constexprs: dict
+    signature: dict  # every argument, the constexprs marked "constexpr"
+    is_default: bool  # the paper's net with float32 state, as the optimizer and meta-training launch it
+    block_n: int
+    num_warps: int
+
+
+PAPER_NET = {"L": 2, "H": 20, "IN": 2}  # layers, hidden size, input features (preprocessed gradient)
+
+
+def jobs() -> list[Job]:
+    """Every Triton kernel configuration of forward_configs() and backward_configs(), ready to compile: the
+    one list this report and bench/perf_model.py read."""
+    def job(kernel, options, name, constexprs, signature):
+        default = (all(constexprs[k] == v for k, v in PAPER_NET.items())
+                   and constexprs.get("STATE_DTYPE", tl.float32) == tl.float32 and not constexprs.get("LR_TENSOR", False))
+        return Job(name, kernel, options, constexprs, {**signature, **{k: "constexpr" for k in constexprs}}, default,
+                   constexprs["BLOCK_N"], options["num_warps"])
+
+    forward_options = {"num_warps": triton_step.NUM_WARPS}
+    backward_options = {"num_warps": triton_step.NUM_WARPS, "num_stages": triton_backward.NUM_STAGES}
+    return ([job(triton_step._l2l_fwd_kernel, forward_options, *config) for config in forward_configs()]
+            + [job(triton_backward._l2l_bwd_kernel, backward_options, *config) for config in backward_configs()])
+
+
 def main() -> int:
     failures = 0
-    jobs = [(triton_step._l2l_fwd_kernel, {"num_warps": triton_step.NUM_WARPS}, config) for config in forward_configs()]
-    jobs += [(triton_backward._l2l_bwd_kernel, {"num_warps": triton_step.NUM_WARPS, "num_stages": triton_backward.NUM_STAGES},
-              config) for config in backward_configs()]
-    for kernel, options, (name, constexprs, signature) in jobs:
-        signature = {**signature, **{k: "constexpr" for k in constexprs}}
+    for job in jobs():
         try:
-            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                                      target=HOPPER, options=options)
+            compiled = triton.compile(ASTSource(fn=job.kernel, signature=job.signature, constexprs=job.constexprs),
+                                      target=HOPPER, options=job.options)
         except Exception as error:
             failures += 1
-            print(f"FAIL {name}: {type(error).__name__}: {error}")
+            print(f"FAIL {job.name}: {type(error).__name__}: {error}")
             continue
         mma = "wgmma" if "wgmma" in compiled.asm["ptx"] else ("mma" if "mma.sync" in compiled.asm["ptx"] else "no mma")
         if compiled.metadata.shared > HOPPER_SHARED_PER_BLOCK:
             failures += 1
-            print(f"FAIL {name}: {compiled.metadata.shared} B of shared memory, a block may have {HOPPER_SHARED_PER_BLOCK}")
+            print(f"FAIL {job.name}: {compiled.metadata.shared} B of shared memory, a block may have {HOPPER_SHARED_PER_BLOCK}")
             continue
-        print(f"ok   {name}: {resource_usage(compiled.asm['cubin'])} dynamic shared {compiled.metadata.shared} B, {mma}")
+        print(f"ok   {job.name}: {resource_usage(compiled.asm['cubin'])} dynamic shared {compiled.metadata.shared} B, {mma}")
     return 1 if failures else 0
 
 

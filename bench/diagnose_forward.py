@@ -16,7 +16,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 from helpers import adversarial_grad, random_net, random_state  # noqa: E402
 
-from l2l_fused import l2l_update_ref, triton_step  # noqa: E402
+from l2l_fused import l2l_update_ref  # noqa: E402
+from l2l_fused.ops.layout import NetShape  # noqa: E402
+from l2l_fused.ops.triton import forward as triton_forward  # noqa: E402
 
 
 def main() -> int:
@@ -37,13 +39,13 @@ def main() -> int:
     with torch.no_grad():
         delta, h64, c64 = l2l_update_ref(grad.double().cpu(), h.double().cpu(), c.double().cpu(), net64.cell_weights(),
                                          net64.head.weight, net64.head.bias, preprocess_p=args.p, output_scale=0.5)
-    weights = triton_step.net_weights(net, theta.device)
+    weights = net.kernel_weights(theta.device)
     for precision, block_n, warps in [("tf32x3", 64, 4), ("tf32x3", 64, 4), ("ieee", 16, 4), ("tf32", 64, 4),
                                       ("tf32x3", 32, 4), ("tf32x3", 128, 8)]:
         for _ in range(args.repeats):
             outs = [torch.full_like(theta, float("nan")), torch.full_like(h, float("nan")), torch.full_like(c, float("nan"))]
-            triton_step.launch_forward([(theta, outs[0], grad, h, outs[1], c, outs[2])], weights, args.p, 0.5,
-                                       block_n, precision, warps)
+            triton_forward.launch_forward([(theta, outs[0], grad, h, outs[1], c, outs[2])], weights, NetShape.of(net),
+                                          block_n=block_n, dot_precision=precision, num_warps=warps)
             torch.cuda.synchronize()
             d = (outs[0].double().cpu() - theta.double().cpu()) - delta
             bad_theta = (d.abs() > 1e-3).nonzero().flatten().tolist()

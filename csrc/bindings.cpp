@@ -1,5 +1,5 @@
 // The one binding file: the ops' schemas (torch.ops.l2l_fused.native_*), their input checks, and their CPU
-// and CUDA implementations; fake (meta) implementations are registered from Python (l2l_fused/native.py).
+// and CUDA implementations; fake (meta) implementations are registered from Python (l2l_fused/ops/native.py).
 // Loading this module (`import l2l_fused._C`) registers the ops.
 #include <Python.h>
 #include <torch/library.h>
@@ -163,7 +163,8 @@ PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "Native kernels of l2l_fused; the ops live in torch.ops.l2l_fused.",
                                -1, nullptr, nullptr, nullptr, nullptr, nullptr};
   PyObject* m = PyModule_Create(&module);
-  // The sizes the kernels take, for Python to refuse a net early (l2l_fused/native.py) from one source.
+  // The sizes the kernels were compiled with (csrc/l2l_constants.h), for a test to catch a build older than
+  // l2l_fused/ops/constants.py.
   if (m != nullptr && (PyModule_AddIntConstant(m, "MAX_LAYERS", l2l::kMaxLayers) != 0 ||
                        PyModule_AddIntConstant(m, "MAX_HIDDEN", l2l::kMaxHidden) != 0)) {
     Py_DECREF(m);

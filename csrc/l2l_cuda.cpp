@@ -11,10 +11,10 @@ namespace l2l {
 namespace {
 int dtype_code(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: return 0;
-    case at::kBFloat16: return 1;
-    case at::kHalf: return 2;
-    default: return 3;  // double (check_rows allows no other)
+    case at::kFloat: return kCodeFloat32;
+    case at::kBFloat16: return kCodeBfloat16;
+    case at::kHalf: return kCodeFloat16;
+    default: return kCodeFloat64;  // check_rows allows no other
   }
 }
 }  // namespace
@@ -34,11 +34,11 @@ void forward_cuda(const std::vector<Row>& rows, const at::Tensor& weights, const
   };
   for (const Row& row : rows) {
     int64_t* t = table.rows[table.count++];
-    for (int i = 0; i < 7; ++i) t[i] = reinterpret_cast<int64_t>(row[i].data_ptr());
-    t[7] = row[0].numel();
-    t[8] = dtype_code(row[0].scalar_type());
-    t[9] = blocks;
-    blocks += (t[7] + kForwardBlock - 1) / kForwardBlock;
+    for (int i = kColThetaIn; i <= kColCOut; ++i) t[i] = reinterpret_cast<int64_t>(row[i].data_ptr());
+    t[kColNumel] = row[0].numel();
+    t[kColDtype] = dtype_code(row[0].scalar_type());
+    t[kColFirstBlock] = blocks;
+    blocks += (t[kColNumel] + kForwardBlock - 1) / kForwardBlock;
     if (table.count == kRowsPerLaunch) launch();
   }
   if (table.count > 0) launch();

@@ -4,10 +4,9 @@
 // One thread per coordinate, 128 to a block; the packed weights (l2l_math.h) are copied into shared memory
 // once per block when they fit (every thread reads the same weight at the same time: a broadcast), and read
 // through L1 otherwise. Forward: one launch for up to 256 tensors of a param group, through a table with a
-// row per tensor (the same ten columns as the Triton launcher: θ in, θ out, ∇, h in, h out, c in, c out
-// addresses, size, dtype code, first block) that is the kernel's parameter; a block finds its row by binary
+// row per tensor (the columns of l2l_constants.h, as the Triton launcher writes them) that is the kernel's parameter; a block finds its row by binary
 // search on the first blocks.
-// Backward: a fixed number of blocks (at most kMaxBackwardBlocks, whatever the GPU) walk tiles of 128
+// Backward: a fixed number of blocks (at most kBackwardPrograms, whatever the GPU) walk tiles of 128
 // coordinates in a fixed order; each tile's weight gradients are reduced in shared memory and added into the
 // block's own row of a partial-sum buffer, so the final sum over rows is deterministic, without atomics.
 #include <cuda_fp16.h>
@@ -23,9 +22,9 @@ constexpr int kThreads = 128;
 
 __device__ __forceinline__ float load_param(int64_t addr, int64_t i, int code) {
   switch (code) {
-    case 0: return reinterpret_cast<const float*>(addr)[i];
-    case 1: return from_bf16_bits(reinterpret_cast<const uint16_t*>(addr)[i]);
-    case 2: return __half2float(reinterpret_cast<const __half*>(addr)[i]);
+    case kCodeFloat32: return reinterpret_cast<const float*>(addr)[i];
+    case kCodeBfloat16: return from_bf16_bits(reinterpret_cast<const uint16_t*>(addr)[i]);
+    case kCodeFloat16: return __half2float(reinterpret_cast<const __half*>(addr)[i]);
     default: return static_cast<float>(reinterpret_cast<const double*>(addr)[i]);
   }
 }
@@ -33,14 +32,14 @@ __device__ __forceinline__ float load_param(int64_t addr, int64_t i, int code) {
 // θ' = θ·decay + step in float32 (float64 for float64 θ), rounded once to θ's dtype.
 __device__ __forceinline__ void store_theta(int64_t in, int64_t out, int64_t i, int code, float decay, float step) {
   switch (code) {
-    case 0:
+    case kCodeFloat32:
       reinterpret_cast<float*>(out)[i] = reinterpret_cast<const float*>(in)[i] * decay + step;
       break;
-    case 1:
+    case kCodeBfloat16:
       reinterpret_cast<uint16_t*>(out)[i] =
           to_bf16_bits(from_bf16_bits(reinterpret_cast<const uint16_t*>(in)[i]) * decay + step);
       break;
-    case 2:
+    case kCodeFloat16:
       reinterpret_cast<__half*>(out)[i] =
           __float2half_rn(__half2float(reinterpret_cast<const __half*>(in)[i]) * decay + step);
       break;
@@ -71,14 +70,14 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const __grid_constant
   int lo = 0, hi = table.count - 1;  // the last row whose first block is <= this block (empty tensors have none)
   while (lo < hi) {
     const int mid = (lo + hi + 1) / 2;
-    if (table.rows[mid][9] <= static_cast<int64_t>(blockIdx.x)) lo = mid; else hi = mid - 1;
+    if (table.rows[mid][kColFirstBlock] <= static_cast<int64_t>(blockIdx.x)) lo = mid; else hi = mid - 1;
   }
   const int64_t* row = table.rows[lo];
-  const int64_t numel = row[7];
-  const int64_t n = (static_cast<int64_t>(blockIdx.x) - row[9]) * kThreads + threadIdx.x;
+  const int64_t numel = row[kColNumel];
+  const int64_t n = (static_cast<int64_t>(blockIdx.x) - row[kColFirstBlock]) * kThreads + threadIdx.x;
   if (n >= numel) return;
-  const int code = static_cast<int>(row[8]);
-  float g = load_param(row[2], n, code);
+  const int code = static_cast<int>(row[kColDtype]);
+  float g = load_param(row[kColGrad], n, code);
   float lr = 1.0f, decay = 1.0f;  // meta-training's step: θ + Δ
   if (skipped != nullptr) {  // the optimizer's step
     // A NaN or ±inf gradient leaves the coordinate's θ and state as they are; the warp counts its skipped
@@ -91,16 +90,16 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const __grid_constant
     lr = u.lr_ptr != nullptr ? *u.lr_ptr : u.lr;
     decay = decay_factor(lr, u.weight_decay);
     if (g == 0.0f) {  // no gradient signal: the state stays, θ only decays
-      store_theta(row[0], row[1], n, code, decay, -0.0f);
+      store_theta(row[kColThetaIn], row[kColThetaOut], n, code, decay, -0.0f);
       return;
     }
     if (u.maximize) g = -g;
   }
   const int64_t at = n * s.hidden;
   const float delta = coordinate_forward<H_CT, S>(
-      s, w, g, reinterpret_cast<const S*>(row[3]) + at, reinterpret_cast<const S*>(row[5]) + at,
-      reinterpret_cast<S*>(row[4]) + at, reinterpret_cast<S*>(row[6]) + at, numel * s.hidden);
-  store_theta(row[0], row[1], n, code, decay, lr * delta);
+      s, w, g, reinterpret_cast<const S*>(row[kColHIn]) + at, reinterpret_cast<const S*>(row[kColCIn]) + at,
+      reinterpret_cast<S*>(row[kColHOut]) + at, reinterpret_cast<S*>(row[kColCOut]) + at, numel * s.hidden);
+  store_theta(row[kColThetaIn], row[kColThetaOut], n, code, decay, lr * delta);
 }
 
 // Weight gradients of one tile of kThreads coordinates, summed over the tile in shared memory and added
@@ -212,7 +211,7 @@ cudaError_t launch_forward(const LaunchTable& table, int64_t blocks, const float
 
 int backward_blocks(int64_t n) {
   const int64_t tiles = (n + kThreads - 1) / kThreads;
-  return static_cast<int>(tiles < kMaxBackwardBlocks ? (tiles > 0 ? tiles : 1) : kMaxBackwardBlocks);
+  return static_cast<int>(tiles < kBackwardPrograms ? (tiles > 0 ? tiles : 1) : kBackwardPrograms);
 }
 
 cudaError_t launch_backward(const float* grad, const void* h, const void* c, const float* dtheta,

@@ -10,17 +10,15 @@
 
 namespace l2l {
 
-constexpr int kTableColumns = 10;        // θ in, θ out, ∇, h in, h out, c in, c out, size, dtype code, first block
 constexpr int kRowsPerLaunch = 256;      // tensors per forward launch: a 20 KB table
 constexpr int kForwardBlock = 128;       // coordinates per block
-constexpr int kMaxBackwardBlocks = 1024; // fixed, so the weight-gradient sums are the same on any GPU
 constexpr size_t kWeightsSharedBytes = 96 * 1024;
 
 // The forward launch's table, passed by value as the kernel's parameter (CUDA 12.1 allows 32 KB of them),
 // as PyTorch's fused optimizers pass their tensor lists: nothing is uploaded, so a CUDA graph captures the
 // table with the launch and replays it as it was. A group of more tensors takes one launch per 256.
 struct LaunchTable {
-  int64_t rows[kRowsPerLaunch][kTableColumns];  // first blocks (column 9) count from this launch's first
+  int64_t rows[kRowsPerLaunch][kTableColumns];  // first blocks count from this launch's first
   int count;
 };
 

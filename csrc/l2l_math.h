@@ -1,11 +1,12 @@
-// Per-coordinate math of the learned optimizer (SPEC §1 forward, §2 backward), written once for the CPU
+// Per-coordinate math of the learned optimizer (docs/spec.md §1 forward, §2 backward), written once for the CPU
 // kernel (l2l_cpu.cpp) and the CUDA kernel (l2l_cuda_kernels.cu).
 //
-// Weights arrive packed (see pack_layout): per layer l a transposed matrix WT_l [(I_l + H) x 4H] whose row k
-// holds the 4H gate weights (gate order i, f, g, o, as nn.LSTMCell) of input k (the layer's input x first,
-// then its own h), then b_l [4H] = b_ih + b_hh; after the layers the head's w_out [H] and b_out [1]. Rows of
-// WT are contiguous over the 4H gate units, so the CPU loops vectorise over units and CUDA threads read the
-// same row at the same time (shared-memory broadcast).
+// Weights arrive packed in the one layout of every fused kernel (l2l_fused/ops/layout.py, which packs them;
+// layer_offset and packed_size below mirror its NetShape): per layer l a matrix WT_l [(I_l + H + 1) x 4H] whose
+// row k holds the 4H gate weights (gate order i, f, g, o, as nn.LSTMCell) of input k (the layer's input x
+// first, then its own h), its last row b_l = b_ih + b_hh (the weights of an input that is always 1); after
+// the layers the head's w_out [H] and b_out [1]. Rows are contiguous over the 4H gate units, so the CPU loops
+// vectorise over units and CUDA threads read the same row at the same time (shared-memory broadcast).
 //
 // H_CT is the hidden size when it is known at compile time (the paper's 20), which lets the compiler keep
 // the per-coordinate arrays in registers and unroll; H_CT = 0 runs any H <= kMaxHidden from `hidden`.
@@ -14,6 +15,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+
+#include "l2l_constants.h"
 
 #if defined(__CUDACC__)
 #define L2L_HD __host__ __device__ __forceinline__
@@ -35,9 +38,6 @@
 #endif
 
 namespace l2l {
-
-constexpr int kMaxHidden = 64;
-constexpr int kMaxLayers = 3;
 
 struct NetShape {
   int layers;      // L, 1..3
@@ -161,7 +161,7 @@ L2L_HD float head(const NetShape& s, const float* w, const float* h_top) {
   return s.output_scale * out;
 }
 
-// Backward of one layer for one coordinate (SPEC §2), from its recomputed gates and c'.
+// Backward of one layer for one coordinate (docs/spec.md §2), from its recomputed gates and c'.
 // In: dh_new, dc_new (adjoints of h', c'). Out: dz [4H] (adjoint of the pre-activations, for the weight
 // gradients), dc (adjoint of the incoming c), dh (of the incoming h: W_hhᵀ dz), dx (of the layer's input:
 // W_ihᵀ dz; skipped when dx is null).
@@ -237,7 +237,7 @@ L2L_UNROLL
   return head(s, w, x);
 }
 
-// Backward of one coordinate's step (SPEC §2), recomputing every gate from the saved ∇, h, c. Adjoints in:
+// Backward of one coordinate's step (docs/spec.md §2), recomputing every gate from the saved ∇, h, c. Adjoints in:
 // dtheta (of θ', a scalar), dh_next/dc_next (of h', c'); out: dh/dc (of h, c), all float32 [L, N, H] seen
 // from this coordinate. Weight gradients go to `sink`: sink.layer(l, dz, x, n_x, h) with dz [4H] the
 // adjoint of layer l's pre-activations, x its input and h its incoming state; sink.head(du, h_top).

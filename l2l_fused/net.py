@@ -7,10 +7,14 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import backends
-from .reference import CellWeights, input_size
+from .capture import capturing
+
+from .ops import interface
+from .ops.layout import pack
+from .ops.reference import CellWeights, input_size
 
 State = tuple[Tensor, Tensor]
+Nets = nn.Module  # an LSTMOptimizerNet, or an nn.ModuleDict of them, one per named parameter group
 
 
 class LSTMOptimizerNet(nn.Module):
@@ -48,6 +52,32 @@ class LSTMOptimizerNet(nn.Module):
         sizes = [input_size(self.preprocess_p)] + [hidden_size] * (num_layers - 1)
         self.cells = nn.ModuleList(nn.LSTMCell(n_in, hidden_size) for n_in in sizes)
         self.head = nn.Linear(hidden_size, 1)
+        self._packed: Optional[tuple[tuple, Tensor]] = None  # (what it was packed from, φ packed)
+
+    def kernel_weights(self, device) -> Tensor:
+        """φ as the kernels read it (:mod:`l2l_fused.ops.layout`): float32, on ``device``, no autograd.
+
+        Packed once and kept until a weight changes (in place, as a meta-training step or
+        ``load_state_dict`` does; or replaced, as ``.to()`` does) or another device asks. Traced by
+        torch.compile or captured in a CUDA graph, it is packed afresh: whether φ changed is a host-side
+        question, which neither a compiled graph nor a graph replay asks again, and packing within the
+        graph reads φ as it is at each run.
+        """
+        device = torch.device(device)
+        if torch.compiler.is_compiling() or capturing():
+            with torch.no_grad():
+                return pack(self).to(device, torch.float32)
+        key = (device,) + tuple((id(p), p.data_ptr(), p._version, p.dtype) for p in self.parameters())
+        cached = getattr(self, "_packed", None)  # a net pickled before the cache existed has none
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                self._packed = (key, pack(self).to(device, torch.float32).contiguous())
+        return self._packed[1]
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_packed"] = None  # a cache: a copy (or an unpickled net) packs its own
+        return state
 
     def config(self) -> dict:
         """The constructor arguments: what a checkpoint needs besides the state dict."""
@@ -99,6 +129,19 @@ class LSTMOptimizerNet(nn.Module):
         for name, t in (("theta", theta), ("grad", grad), ("h", h), ("c", c)):
             if t.dtype != dtype:
                 raise ValueError(f"{name} has dtype {t.dtype}, the net's weights {dtype}: cast one of them")
-        impl = backends.resolve(backend, theta.device, self)
+        impl = interface.resolve(backend, theta.device, self)
         theta_next, h_next, c_next = impl.step(self, theta.reshape(-1), grad.reshape(-1), h, c, saved_state_dtype)
         return theta_next.view(theta.shape), (h_next, c_next)
+
+
+def net_config(net: Nets) -> dict:
+    """What rebuilds ``net`` (weights aside): the net's config, or ``{"groups": {name: config}}``."""
+    if isinstance(net, LSTMOptimizerNet):
+        return net.config()
+    return {"groups": {name: member.config() for name, member in net.items()}}
+
+
+def net_from_config(config: dict) -> Nets:
+    if "groups" in config:
+        return nn.ModuleDict({name: LSTMOptimizerNet(**c) for name, c in config["groups"].items()})
+    return LSTMOptimizerNet(**config)

@@ -13,7 +13,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import backends, capture
+from . import capture
+from .ops import interface
+from .ops.launch_table import LaunchTable
+from .ops.update import Update
 from .net import LSTMOptimizerNet
 
 _STATE_KEYS = ("h", "c")
@@ -85,7 +88,7 @@ def _check_options(group: dict, where: str) -> None:
             raise ValueError(f"{where}: {key}={group[key]!r} is a torch.optim option that L2LOptimizer does not "
                              f"have{hint}; its options are {sorted(_OPTIONS)}")
     _check_net(group["net"], where)
-    backends.check_name(group["backend"], group["net"])
+    interface.check_name(group["backend"], group["net"])
     _check_values(group, f"{where}: ")
 
 
@@ -161,9 +164,10 @@ class L2LOptimizer(Optimizer):
                     "weight_decay": weight_decay, "maximize": maximize}
         if net is not None:  # else every group must bring its own, which add_param_group checks
             _check_net(net, "net")
-        backends.check_name(backend, net)
+        interface.check_name(backend, net)
         _check_values(defaults, "")
         self._skipped: dict[torch.device, Tensor] = {}  # per device: coordinates skipped for a non-finite ∇
+        self._tables: dict[tuple[int, torch.device], LaunchTable] = {}  # per param group and device
         self._dtensor = None
         super().__init__(params, defaults)
         # The net is a module, not a hyperparameter: a state dict carries its config only, so it stays
@@ -183,7 +187,8 @@ class L2LOptimizer(Optimizer):
                 raise ValueError(f"params: L2LOptimizer needs real floating-point parameters, got one of dtype {p.dtype}")
         self._dtensor = _dtensor_type()
         for device in {p.device for p in group["params"]}:
-            backends.preload(group["backend"], device, group["net"])
+            interface.preload(group["backend"], device, group["net"])
+            self._tables[(index, device)] = LaunchTable()  # made here, not in a step torch.compile may trace
         if group["capturable"]:
             for p in group["params"]:
                 if p.requires_grad:
@@ -197,6 +202,8 @@ class L2LOptimizer(Optimizer):
     def __setstate__(self, state: dict) -> None:
         # Also called by load_state_dict with state and param groups only: what it does not carry stays.
         self._skipped = state.pop("_skipped", getattr(self, "_skipped", {}))
+        # launch tables hold addresses: a copy (or an unpickled optimizer) makes its own
+        self._tables = getattr(self, "_tables", {})
         super().__setstate__(state)
         self._dtensor = _dtensor_type()
         if _nets_to_configs not in self._optimizer_state_dict_post_hooks.values():  # unpickled: hooks are not
@@ -212,7 +219,7 @@ class L2LOptimizer(Optimizer):
     def _plan(self):
         """Validate every group's options, gradients and state before anything is written.
 
-        Returns ``(group, backend, params, update)`` per group and device. A bad option or gradient, or a
+        Returns ``(group, backend, params, update, launch table)`` per group and device. A bad option or gradient, or a
         capture that a replay could not repeat, raises here, leaving all parameters and state as they were.
         """
         graph = capture.capturing()
@@ -248,8 +255,11 @@ class L2LOptimizer(Optimizer):
                     lr = lr.to(device=device, dtype=torch.float32).reshape(())
                 else:
                     lr = float(lr)
-                update = backends.Update(lr, float(group["weight_decay"]), group["maximize"])
-                plan.append((group, backends.resolve(group["backend"], device, net), params, update))
+                update = Update(lr, float(group["weight_decay"]), group["maximize"])
+                table = self._tables.get((index, device))
+                if table is None:  # a parameter moved to another device since its group was added
+                    table = self._tables[(index, device)] = LaunchTable()
+                plan.append((group, interface.resolve(group["backend"], device, net), params, update, table))
         return plan
 
     def _check_replayable(self, index: int, group: dict, p: Tensor) -> None:
@@ -303,11 +313,11 @@ class L2LOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group, impl, params, update in self._plan():
+        for group, impl, params, update, table in self._plan():
             states = [self._state_of(group, p) for p in params]
             impl.group_step(  # under FSDP2 each rank steps (and keeps state for) its own shards only
                 group["net"], [self._local(p) for p in params], [self._local(p.grad) for p in params],
-                [s["h"] for s in states], [s["c"] for s in states], self._counter(params[0].device), update,
+                [s["h"] for s in states], [s["c"] for s in states], self._counter(params[0].device), update, table,
             )
         return loss
 

@@ -9,8 +9,7 @@ import shlex
 import torch
 from torch import nn
 
-from .meta.nets import Nets, net_from_config
-from .meta.trainer import TrainConfig
+from .net import Nets, net_from_config
 
 WEIGHTS = os.path.join(os.path.dirname(__file__), "weights")
 PRETRAINED = ("quadratic", "mlp", "conv")
@@ -52,6 +51,8 @@ def param_groups_by_layer(model: nn.Module, nets: nn.ModuleDict) -> list[dict]:
 
 def export(checkpoint: str, path: str) -> str:
     """Write the best net of a trainer checkpoint, with the command that reproduces it, to ``path``."""
+    from .meta.trainer import TrainConfig  # meta-training (and tqdm) load only for those who export
+
     payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
     config = payload["train_config"]
     command = ["python", "-m", "l2l_fused", "train", "--task", payload["task"]]

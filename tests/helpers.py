@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from l2l_fused import LSTMOptimizerNet, available_backends, l2l_update_ref
-from l2l_fused.backends import Update
+from l2l_fused.ops.update import Update
 
 F32_TOL = 1e-5
 UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}

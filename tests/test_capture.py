@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from l2l_fused import L2LOptimizer, available_backends, capture
-from l2l_fused.launch_tables import LaunchTables
+from l2l_fused.ops.launch_table import LaunchTable
 from helpers import F32_TOL, adversarial_grad, assert_unchanged, backend_or_skip, random_net, snapshot
 
 
@@ -130,8 +130,9 @@ def test_load_state_dict_writes_into_a_capturable_optimizers_state(seed):
     assert reloaded.param_groups[0]["capturable"] is False
 
 
-def test_launch_tables_under_capture_are_held_and_never_served_eagerly(monkeypatch):
-    tables = LaunchTables(capacity=1)
+def test_launch_tables_are_remade_only_when_their_tensors_change_and_kept_for_captured_graphs(monkeypatch):
+    table = LaunchTable()
+    cpu = torch.device("cpu")
 
     def rows(n):
         t, g, s = torch.zeros(n), torch.zeros(n), torch.zeros(1, n, 4)
@@ -139,20 +140,43 @@ def test_launch_tables_under_capture_are_held_and_never_served_eagerly(monkeypat
 
     eager_rows, captured_rows, other_rows = rows(5), rows(7), rows(9)
     monkeypatch.setattr(capture, "capturing", lambda: False)
-    eager_table, eager_blocks, _ = tables.get(eager_rows, 4, torch.device("cpu"))
+    eager_table, eager_blocks, _ = table.get(eager_rows, 4, cpu)
+    assert table.get(eager_rows, 4, cpu)[0] is eager_table  # same tensors: nothing made
+    assert table.get(eager_rows, 8, cpu)[0] is not eager_table  # another block size: another map
+    eager_table, eager_blocks, _ = table.get(eager_rows, 4, cpu)
 
     monkeypatch.setattr(capture, "capturing", lambda: True)
-    table, blocks, num_blocks = tables.get(eager_rows, 4, torch.device("cpu"))
-    assert table is eager_table and blocks is eager_blocks  # ready before the capture: used, and held
-    made_in_graph, _, num_blocks = tables.get(captured_rows, 4, torch.device("cpu"))
+    captured, blocks, _ = table.get(eager_rows, 4, cpu)
+    assert captured is eager_table and blocks is eager_blocks  # ready before the capture: used, and kept
+    made_in_graph, _, num_blocks = table.get(captured_rows, 4, cpu)
     assert num_blocks == 2 and made_in_graph[0, 7] == 7
+    assert table.get(captured_rows, 4, cpu)[0] is made_in_graph and len(table.captured) == 2  # a recapture adds none
 
     monkeypatch.setattr(capture, "capturing", lambda: False)
-    tables.get(other_rows, 4, torch.device("cpu"))  # evicts the eager table from the cache of one
-    assert any(held is eager_table for held in tables.held)
-    assert any(held is made_in_graph for held in tables.held)
-    again, _, _ = tables.get(captured_rows, 4, torch.device("cpu"))
+    table.get(other_rows, 4, cpu)  # the eager table is replaced; what graphs read stays
+    assert {id(entry.table) for entry in table.captured.values()} == {id(eager_table), id(made_in_graph)}
+    again, _, _ = table.get(captured_rows, 4, cpu)
     assert again is not made_in_graph and torch.equal(again, made_in_graph)  # its contents come with its graph
+
+
+def test_the_optimizer_keeps_one_launch_table_per_group_and_device(kernel_device):
+    backend_or_skip("triton", kernel_device.type)
+    net = random_net().to(kernel_device)
+    params = [torch.nn.Parameter(torch.randn(n, device=kernel_device)) for n in (5, 7)]
+    opt = L2LOptimizer([{"params": params[:1]}, {"params": params[1:]}], net=net, backend="triton")
+    assert set(opt._tables) == {(0, kernel_device), (1, kernel_device)}
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    first = [opt._tables[(i, kernel_device)].current.table for i in (0, 1)]
+    for p in params:
+        p.grad.copy_(torch.randn_like(p))
+    opt.step()
+    assert all(opt._tables[(i, kernel_device)].current.table is first[i] for i in (0, 1))  # the very tensors
+    params[0].grad = torch.randn_like(params[0])  # a new gradient tensor, as after zero_grad(set_to_none=True)
+    opt.step()
+    assert opt._tables[(0, kernel_device)].current.table is not first[0]
+    assert opt._tables[(1, kernel_device)].current.table is first[1]
 
 
 # --------------------------------------------------------------------------------------------- on CUDA

@@ -7,7 +7,10 @@ import copy
 import pytest
 import torch
 
-from l2l_fused import L2LOptimizer, LSTMOptimizerNet, backends
+from l2l_fused import L2LOptimizer, LSTMOptimizerNet
+from l2l_fused.ops import interface, reference
+from l2l_fused.ops.layout import NetShape, pack
+from l2l_fused.ops.update import Update
 from l2l_fused.meta import MetaTrainer, QuadraticTask, TrainConfig
 from helpers import (CASES, F32_TOL, UNIT_ROUNDOFF, adversarial_grad, assert_within, backend_or_skip, check_group_step,
                      factors, grad_for, group_inputs, random_net, random_state)
@@ -36,7 +39,7 @@ def test_group_step_matches_reference(seed, fused, state_dtype, p, layers, hidde
     thetas, grads, hs, cs = group_inputs(net, sizes, state_dtype, device)
     outs = [[t.clone() for t in ts] for ts in (thetas, hs, cs)]
     skipped = torch.zeros((), dtype=torch.int64, device=device)
-    backends.resolve(name, device, net).group_step(net, *outs[:1], grads, *outs[1:], skipped)
+    interface.resolve(name, device, net).group_step(net, *outs[:1], grads, *outs[1:], skipped)
     check_group_step(net, thetas, grads, hs, cs, *outs, state_dtype)
     assert skipped.item() == 0
 
@@ -59,7 +62,7 @@ def test_nonfinite_gradients_leave_their_coordinates_alone(seed, any_backend, st
         bads.append(bad)
     outs = [[t.clone() for t in ts] for ts in (thetas, hs, cs)]
     skipped = torch.zeros((), dtype=torch.int64, device=device)
-    impl = backends.resolve(name, device, net)
+    impl = interface.resolve(name, device, net)
     impl.group_step(net, *outs[:1], grads, *outs[1:], skipped)
     total = check_group_step(net, thetas, grads, hs, cs, *outs, state_dtype)
     assert skipped.item() == total == sum(int(b.sum()) for b in bads) > 0
@@ -87,10 +90,10 @@ def test_group_step_options_match_reference(seed, any_backend, lr, weight_decay,
     for g in grads:
         g[:: 97] = float("nan")
     lr = torch.tensor(1.7, device=device) if lr == "tensor" else lr
-    update = backends.Update(lr, weight_decay, maximize)
+    update = Update(lr, weight_decay, maximize)
     outs = [[t.clone() for t in ts] for ts in (thetas, hs, cs)]
     skipped = torch.zeros((), dtype=torch.int64, device=device)
-    backends.resolve(name, device, net).group_step(net, *outs[:1], grads, *outs[1:], skipped, update)
+    interface.resolve(name, device, net).group_step(net, *outs[:1], grads, *outs[1:], skipped, update)
     assert skipped.item() == check_group_step(net, thetas, grads, hs, cs, *outs, torch.float32, update) > 0
 
 
@@ -104,12 +107,12 @@ def test_lr_one_is_bit_identical_to_the_plain_step(seed, any_backend):
     theta = torch.randn(n, device=device)
     grad = grad_for(n, 10.0, torch.float32).to(device)
     h, c = (s.to(device) for s in random_state(net, n))
-    impl = backends.resolve(name, device, net)
+    impl = interface.resolve(name, device, net)
     with torch.no_grad():
         plain, h_plain, c_plain = impl.step(net, theta, grad, h, c)
     moving = grad != 0
     assert moving.sum() < n  # the adversarial gradients have exact zeros, which the optimizer holds
-    for update in (backends.Update(), backends.Update(1.0, 0.0, False), backends.Update(torch.tensor(1.0, device=device))):
+    for update in (Update(), Update(1.0, 0.0, False), Update(torch.tensor(1.0, device=device))):
         outs = [theta.clone()], [h.clone()], [c.clone()]
         impl.group_step(net, outs[0], [grad], *outs[1:], torch.zeros((), dtype=torch.int64, device=device), update)
         assert torch.equal(outs[0][0][moving], plain[moving])
@@ -135,7 +138,7 @@ def test_zero_gradients_leave_parameters_where_they_are(any_backend, kind):
         opt.step()
     assert torch.equal(still, torch.ones_like(still))
     assert not opt.state[still]["h"].any() and not opt.state[still]["c"].any()
-    decay = torch.tensor(factors(backends.Update(0.5, 0.01))[1])
+    decay = torch.tensor(factors(Update(0.5, 0.01))[1])
     expected = torch.tensor(1.0)
     for _ in range(steps):
         expected = expected * decay  # rounded to float32 at each step, as the kernels do
@@ -184,7 +187,7 @@ def test_group_of_more_tensors_than_one_launch_table_holds(seed, fused):
     thetas, grads, hs, cs = group_inputs(net, sizes, torch.float32, device)
     outs = [[t.clone() for t in ts] for ts in (thetas, hs, cs)]
     skipped = torch.zeros((), dtype=torch.int64, device=device)
-    backends.resolve(name, device, net).group_step(net, *outs[:1], grads, *outs[1:], skipped)
+    interface.resolve(name, device, net).group_step(net, *outs[:1], grads, *outs[1:], skipped)
     check_group_step(net, thetas, grads, hs, cs, *outs, torch.float32)
 
 
@@ -269,6 +272,30 @@ def test_unrolled_meta_gradient_matches_float64_reference(seed, fused, preproces
         err_torch = (t.double() - b).abs().max().item()
         assert err <= 2 * err_torch + REL_TOL * scale, (
             f"{what}: max error {err:.3g} ({err / scale:.3g} of its largest value), PyTorch float32 {err_torch:.3g}")
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_backward_entry_point_matches_its_specification(seed, fused, state_dtype):
+    """A fused backend's ``backward`` against ``reference.backward`` (same signature, packed φ) in float64,
+    with the unrolled test's tolerance; from a saved state in either dtype."""
+    name, device = fused
+    net = random_net()
+    shape = NetShape.of(net)
+    generator = torch.Generator().manual_seed(seed)
+    n = 1000
+    h, c = (s.to(state_dtype) for s in random_state(net, n))
+    inputs = [adversarial_grad(n, net.preprocess_p, generator=generator), h, c, torch.randn(n, generator=generator),
+              torch.randn(h.shape, generator=generator), torch.randn(h.shape, generator=generator)]
+    got = interface.resolve(name, device, net).load().backward(*(t.to(device) for t in inputs),
+                                                                net.to(device).kernel_weights(device), shape)
+    want = reference.backward(*(t.double() for t in inputs), pack(net).detach().cpu().double(), shape)
+    torch32 = reference.backward(*(t.float() for t in inputs), pack(net).detach().cpu(), shape)
+    for what, a, b, t in zip(("dh", "dc", "dweights"), got, want, torch32):
+        assert a.shape == b.shape
+        scale = b.abs().max().item()
+        err = (a.cpu().double() - b).abs().max().item()
+        err_torch = (t.double() - b).abs().max().item()
+        assert err <= 2 * err_torch + REL_TOL * scale, f"{what}: max error {err:.3g}, PyTorch float32 {err_torch:.3g}"
 
 
 def test_repeated_backward_gives_bit_identical_weight_gradients(seed, fused):

@@ -11,7 +11,9 @@ import tempfile
 import pytest
 import torch
 
-from l2l_fused import L2LOptimizer, available_backends, backends, native
+from l2l_fused import L2LOptimizer, available_backends
+from l2l_fused.ops import constants, interface, native
+from l2l_fused.ops.layout import pack
 from helpers import adversarial_grad, random_net, random_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,27 +22,27 @@ built = pytest.mark.skipif(native.BUILD_ERROR is not None, reason=f"l2l_fused._C
 
 def _op_args(net, n, device="cpu"):
     h, c = random_state(net, n)
-    return (torch.randn(n), adversarial_grad(n, net.preprocess_p), h, c, native.pack(net).detach(),
+    return (torch.randn(n), adversarial_grad(n, net.preprocess_p), h, c, pack(net).detach(),
             net.num_layers, net.hidden_size, net.cells[0].input_size, net.preprocess_p, net.output_scale)
 
 
 @built
 def test_auto_picks_native_on_cpu():
-    assert backends.resolve("auto", "cpu").name == "native"
+    assert interface.resolve("auto", "cpu").name == "native"
 
 
 @built
 def test_nets_the_kernels_cannot_run_are_refused_when_the_optimizer_is_made():
-    """The limits come from the extension (the C++ constants the kernels are compiled with)."""
+    """The limits the extension was compiled with are ops/constants.py's (a stale build would differ)."""
     from l2l_fused import _C
 
-    assert (_C.MAX_LAYERS, _C.MAX_HIDDEN) == (3, 64)
+    assert (_C.MAX_LAYERS, _C.MAX_HIDDEN) == (constants.MAX_LAYERS, constants.MAX_HIDDEN) == (3, 64)
     p = torch.nn.Parameter(torch.randn(3))
     with pytest.raises(ValueError, match="backend 'native': runs hidden_size up to 64, not 65"):
         L2LOptimizer([p], net=random_net(hidden_size=65), backend="native")
     with pytest.raises(ValueError, match="backend 'native': runs 1 to 3 layers, not 4"):
         L2LOptimizer([p], net=random_net(num_layers=4), backend="native")
-    assert backends.resolve("auto", "cpu", random_net(num_layers=4)).name == "reference"
+    assert interface.resolve("auto", "cpu", random_net(num_layers=4)).name == "reference"
 
 
 @built

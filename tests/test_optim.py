@@ -445,17 +445,21 @@ def test_every_torch_optim_hyperparameter_is_honoured_or_refused(seed):
             L2LOptimizer([{"params": [a], key: value}], net=net)
 
 
-def test_import_loads_neither_triton_nor_distributed_tensor():
-    """Over a second of imports that not every user needs. (Making any torch.optim optimizer, this one
+def test_import_loads_neither_triton_nor_distributed_tensor_nor_meta_training():
+    """Over a second of imports that not every user needs; and meta-training, with its dependencies (tqdm:
+    made unimportable here, which torch itself tolerates), is for those who import it. (Making any torch.optim optimizer, this one
     included, loads both anyway: Optimizer.add_param_group is wrapped by torch._disable_dynamo, whose first
     call imports torch._dynamo. What stays ours not to load is the Triton kernels, on a CPU step.)"""
     import subprocess
     import sys
 
-    code = ("import sys, torch, l2l_fused\n"
+    code = ("import sys\n"
+            "sys.modules['tqdm'] = None\n"
+            "import torch, l2l_fused\n"
             "assert 'triton' not in sys.modules and 'torch.distributed.tensor' not in sys.modules, 'on import'\n"
+            "assert not any(m.startswith('l2l_fused.meta') for m in sys.modules), 'on import'\n"
             "p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3)\n"
             "opt = l2l_fused.L2LOptimizer([p], net=l2l_fused.LSTMOptimizerNet(), backend='reference'); opt.step()\n"
-            "assert 'l2l_fused.triton_math' not in sys.modules, 'on a CPU step'\n")
+            "assert 'l2l_fused.ops.triton.math' not in sys.modules, 'on a CPU step'\n")
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)

@@ -48,7 +48,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from torch.optim.swa_utils import SWALR
 
 from l2l_fused import L2LOptimizer, available_backends, pretrained
-from l2l_fused.backends import Update
+from l2l_fused.ops.update import Update
 from helpers import assert_unchanged, backend_or_skip, check_group_step, grad_for, random_net, snapshot
 
 CUDA = pytest.mark.cuda

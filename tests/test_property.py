@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from l2l_fused import L2LOptimizer
-from l2l_fused.backends import Update
+from l2l_fused.ops.update import Update
 from helpers import backend_or_skip, check_group_step, random_net
 
 hypothesis = pytest.importorskip("hypothesis")

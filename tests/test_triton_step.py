@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from l2l_fused import L2LOptimizer, available_backends
-from l2l_fused import backends, triton_step
-from l2l_fused.triton_backend import INTERPRETED
+from l2l_fused.ops import interface
+from l2l_fused.ops.layout import NetShape
 from helpers import CASES, check_step, group_inputs, random_net, random_state
 
-pytestmark = pytest.mark.skipif(triton_step.triton is None, reason="needs triton")
+pytest.importorskip("triton")
+from l2l_fused.ops.triton import forward as triton_forward  # noqa: E402
 
 
 def _check_launch(net, sizes, state_dtype, device):
@@ -18,7 +19,7 @@ def _check_launch(net, sizes, state_dtype, device):
     thetas, grads, hs, cs = group_inputs(net, sizes, state_dtype, device)
     outs = [[torch.full_like(t, float("nan")) for t in ts] for ts in (thetas, hs, cs)]
     rows = list(zip(thetas, outs[0], grads, hs, outs[1], cs, outs[2]))
-    triton_step.launch_forward(rows, triton_step.net_weights(net, device), net.preprocess_p, net.output_scale)
+    triton_forward.launch_forward(rows, net.kernel_weights(device), NetShape.of(net))
     check_step(net, thetas, grads, hs, cs, *outs, state_dtype)
 
 
@@ -33,10 +34,10 @@ def test_launch_matches_reference_bf16_state(seed, kernel_device, p, layers, hid
 
 
 def test_auto_never_takes_the_interpreter_nor_a_net_the_kernel_cannot_run():
-    assert backends.resolve("auto", "cpu").name != "triton"
-    assert ("triton" in available_backends("cpu")) == INTERPRETED  # on the CPU only through the interpreter
+    assert interface.resolve("auto", "cpu").name != "triton"
+    assert ("triton" in available_backends("cpu")) == interface.TRITON_INTERPRETED  # on the CPU only through the interpreter
     big = random_net(hidden_size=65)
-    assert backends.resolve("auto", "cpu", big).name == "reference"
+    assert interface.resolve("auto", "cpu", big).name == "reference"
     with pytest.raises(ValueError, match="hidden_size up to 64, not 65"):
         L2LOptimizer([torch.nn.Parameter(torch.randn(3))], net=big, backend="triton")
     with pytest.raises(ValueError, match="1 to 3 layers, not 4"):
@@ -45,7 +46,7 @@ def test_auto_never_takes_the_interpreter_nor_a_net_the_kernel_cannot_run():
 
 @pytest.mark.cuda
 def test_auto_picks_triton_on_cuda():
-    assert backends.resolve("auto", "cuda").name == "triton"
+    assert interface.resolve("auto", "cuda").name == "triton"
 
 
 def test_launcher_rejects_mismatched_state(kernel_device):
@@ -53,7 +54,8 @@ def test_launcher_rejects_mismatched_state(kernel_device):
     theta = torch.randn(5, device=kernel_device)
     h = torch.zeros(2, 4, 20, device=kernel_device)
     with pytest.raises(ValueError, match=r"state must be torch.float32 \[2, 5, 20\]"):
-        triton_step.launch_forward([(theta, theta, theta, h, h, h, h)], triton_step.net_weights(net, kernel_device), 10.0, 0.1)
+        triton_forward.launch_forward([(theta, theta, theta, h, h, h, h)], net.kernel_weights(kernel_device),
+                                      NetShape.of(net))
 
 
 def test_custom_op_passes_opcheck(seed, kernel_device):
@@ -63,9 +65,11 @@ def test_custom_op_passes_opcheck(seed, kernel_device):
     states = [random_state(net, n) for n in (5, 70)]
     h = [s[0].to(kernel_device) for s in states]
     c = [s[1].to(kernel_device) for s in states]
-    torch.library.opcheck(triton_step._group_step_op,
+    shape = NetShape.of(net)
+    torch.library.opcheck(triton_forward._group_step_op,
                           (params, grads, h, c, torch.zeros((), dtype=torch.int64, device=kernel_device),
-                           triton_step.net_weights(net, kernel_device), 10.0, 0.1))
+                           net.kernel_weights(kernel_device), shape.layers, shape.hidden, shape.features,
+                           shape.preprocess_p, shape.output_scale))
 
 
 def test_compiled_training_step_has_no_graph_break_in_the_optimizer(seed, kernel_device):

@@ -3,7 +3,8 @@
 from .baselines import BASELINES, baseline_losses, lr_grid, optimizer_losses, tune
 from .classification import ClassificationTask, ConvTask, MLPTask
 from .data import Dataset, DataError, load_cifar10, load_dataset, load_digits, load_mnist, read_idx
-from .nets import l2l_param_groups, net_config, net_from_config
+from ..net import net_config, net_from_config
+from .nets import l2l_param_groups
 from .tasks import Problem, QuadraticTask, Task
 from .trainer import MetaTrainer, TrainConfig, load_best_net
 from .unroll import Trajectory, learned_losses

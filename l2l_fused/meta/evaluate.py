@@ -9,7 +9,8 @@ import torch
 
 from ..optim import L2LOptimizer
 from .baselines import BASELINES, baseline_losses, optimizer_losses, tune
-from .nets import Nets, l2l_param_groups
+from ..net import Nets
+from .nets import l2l_param_groups
 from .tasks import Task
 from .unroll import learned_losses
 

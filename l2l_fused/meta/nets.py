@@ -1,26 +1,12 @@
 """The learned optimizer of a task: one ``LSTMOptimizerNet`` for every parameter, or an ``nn.ModuleDict``
-of them, one per named parameter group (the paper's separate LSTMs for conv and fully connected layers)."""
+of them, one per named parameter group (the paper's separate LSTMs for conv and fully connected layers).
+Their configs (``net_config``, ``net_from_config``) live with the net, in :mod:`l2l_fused.net`."""
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..net import LSTMOptimizerNet
-
-Nets = nn.Module  # LSTMOptimizerNet or nn.ModuleDict[str, LSTMOptimizerNet]
-
-
-def net_config(net: Nets) -> dict:
-    """What rebuilds ``net`` (weights aside): the net's config, or ``{"groups": {name: config}}``."""
-    if isinstance(net, LSTMOptimizerNet):
-        return net.config()
-    return {"groups": {name: member.config() for name, member in net.items()}}
-
-
-def net_from_config(config: dict) -> Nets:
-    if "groups" in config:
-        return nn.ModuleDict({name: LSTMOptimizerNet(**c) for name, c in config["groups"].items()})
-    return LSTMOptimizerNet(**config)
+from ..net import LSTMOptimizerNet, Nets
 
 
 def net_parts(net: Nets, n_params: int, groups: dict[str, list[int]] | None) -> list[tuple[LSTMOptimizerNet, list[int]]]:

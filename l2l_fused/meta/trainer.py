@@ -1,4 +1,4 @@
-"""Meta-training of φ (SPEC §3): K steps per sampled batch of functions, in truncations of T, Adam on φ."""
+"""Meta-training of φ (docs/spec.md §3): K steps per sampled batch of functions, in truncations of T, Adam on φ."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from .nets import Nets, net_config, net_from_config
+from ..net import Nets, net_config, net_from_config
 from .tasks import Task
 from .unroll import Trajectory, learned_losses
 

@@ -1,4 +1,4 @@
-"""Running an optimizee's training under the learned optimizer (the unrolled graph of SPEC §3)."""
+"""Running an optimizee's training under the learned optimizer (the unrolled graph of docs/spec.md §3)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import torch
 from torch import Tensor
 
 from ..net import State
-from .nets import Nets, net_parts
+from ..net import Nets
+from .nets import net_parts
 from .tasks import Problem
 
 
