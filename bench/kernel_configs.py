@@ -1,28 +1,22 @@
-"""Compile every Triton kernel configuration for Hopper (sm_90) on any machine, GPU or not, and report
-registers, stack (spill) bytes and shared memory per configuration.
+"""Every Triton kernel configuration the backends launch, ready to compile for Hopper (sm_90) on any
+machine: the one list that bench/perf_model.py compiles, reports and models (and CI with it).
 
 Triton's interpreter runs kernels without compiling them, so it accepts code the compiler rejects (a
-variable of two types across a runtime branch, say); this catches that in CI. Exit status 1 if any
-configuration fails. Run without TRITON_INTERPRET.
-
-    python bench/compile_report.py
+variable of two types across a runtime branch, say): compiling every configuration catches that.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import tempfile
 from typing import NamedTuple
 
 if os.environ.get("TRITON_INTERPRET") == "1":
-    sys.exit("compile_report: unset TRITON_INTERPRET (the interpreter compiles nothing)")
+    sys.exit("kernel_configs: unset TRITON_INTERPRET (the interpreter compiles nothing)")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from l2l_fused.ops.layout import NetShape  # noqa: E402
@@ -71,18 +65,6 @@ def backward_configs():
         yield f"backward L={layers} H={hidden} in={features}", constexprs, signature
 
 
-def resource_usage(cubin: bytes) -> str:
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        try:
-            out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-        except OSError:
-            return "(no cuobjdump)"
-    return " ".join(line.strip() for line in out.splitlines() if "REG:" in line)
-
-
 class Job(NamedTuple):
     name: str
     kernel: object  # the @triton.jit function
@@ -110,26 +92,3 @@ def jobs() -> list[Job]:
     backward_options = {"num_warps": triton_step.NUM_WARPS, "num_stages": triton_backward.NUM_STAGES}
     return ([job(triton_step._l2l_fwd_kernel, forward_options, *config) for config in forward_configs()]
             + [job(triton_backward._l2l_bwd_kernel, backward_options, *config) for config in backward_configs()])
-
-
-def main() -> int:
-    failures = 0
-    for job in jobs():
-        try:
-            compiled = triton.compile(ASTSource(fn=job.kernel, signature=job.signature, constexprs=job.constexprs),
-                                      target=HOPPER, options=job.options)
-        except Exception as error:
-            failures += 1
-            print(f"FAIL {job.name}: {type(error).__name__}: {error}")
-            continue
-        mma = "wgmma" if "wgmma" in compiled.asm["ptx"] else ("mma" if "mma.sync" in compiled.asm["ptx"] else "no mma")
-        if compiled.metadata.shared > HOPPER_SHARED_PER_BLOCK:
-            failures += 1
-            print(f"FAIL {job.name}: {compiled.metadata.shared} B of shared memory, a block may have {HOPPER_SHARED_PER_BLOCK}")
-            continue
-        print(f"ok   {job.name}: {resource_usage(compiled.asm['cubin'])} dynamic shared {compiled.metadata.shared} B, {mma}")
-    return 1 if failures else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
