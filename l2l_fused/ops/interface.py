@@ -113,12 +113,11 @@ class Backend:
         needs it (a fused backend then saves only ∇ and the incoming state, in ``saved_state_dtype`` if given)."""
         ops, shape = self.load(), NetShape.of(net)
         theta, grad, h, c = theta.contiguous(), grad.detach().contiguous(), h.contiguous(), c.contiguous()
-        differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (theta, h, c, *net.parameters()))
         if not self.fused:
             if saved_state_dtype is not None:
                 raise ValueError(f"saved_state_dtype needs a fused backend: autograd through {self.name} keeps every gate")
             return ops.forward(theta, grad, h, c, pack(net), shape)
-        if differentiable:
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (theta, h, c, *net.parameters())):
             return FusedStep.apply(ops, theta, grad, h, c, pack(net), shape, saved_state_dtype)
         with torch.no_grad():
             return ops.forward(theta, grad, h, c, net.kernel_weights(theta.device), shape)
