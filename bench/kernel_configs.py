@@ -21,7 +21,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from l2l_fused.ops.layout import NetShape  # noqa: E402
 from l2l_fused.ops.triton import backward as triton_backward  # noqa: E402
-from l2l_fused.ops.triton import forward as triton_step  # noqa: E402
+from l2l_fused.ops.triton import forward as triton_forward  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 HOPPER_SHARED_PER_BLOCK = 227 * 1024  # an H100 block's opt-in maximum; a kernel asking more fails to launch
@@ -42,10 +42,10 @@ def forward_configs():
         (1, 20, 1, tl.float32, True, False), (3, 64, 2, tl.float32, True, False), (1, 33, 2, tl.bfloat16, True, False),
         (2, 5, 2, tl.float32, True, False), (2, 20, 2, tl.float32, False, False),
     ]:
-        constexprs = {"L": layers, "H": hidden, "HP": triton_step.padded(hidden), "IN": features,
+        constexprs = {"L": layers, "H": hidden, "HP": triton_forward.padded(hidden), "IN": features,
                       "PREPROCESS": features == 2, "STATE_DTYPE": state,
-                      "BLOCK_N": triton_step.forward_block(triton_step.padded(hidden)),
-                      "DOT_PRECISION": triton_step.DOT_PRECISION, "GROUP_STEP": group, "LR_TENSOR": lr_tensor,
+                      "BLOCK_N": triton_forward.forward_block(triton_forward.padded(hidden)),
+                      "DOT_PRECISION": triton_forward.DOT_PRECISION, "GROUP_STEP": group, "LR_TENSOR": lr_tensor,
                       "MAXIMIZE": lr_tensor}
         lr = " lr=tensor maximize" if lr_tensor else ""
         yield (f"forward L={layers} H={hidden} in={features} state={state} group={group}{lr}", constexprs,
@@ -55,9 +55,9 @@ def forward_configs():
 def backward_configs():
     for layers, hidden, features in [(2, 20, 2), (1, 20, 1), (3, 64, 2), (2, 5, 2)]:
         packed = NetShape(layers, hidden, features, 10.0 if features == 2 else None, 0.1).packed_size
-        constexprs = {"L": layers, "H": hidden, "HP": triton_step.padded(hidden), "IN": features,
-                      "PREPROCESS": features == 2, "BLOCK_N": triton_step.BLOCK_N,
-                      "DOT_PRECISION": triton_step.DOT_PRECISION, "ROW": packed}
+        constexprs = {"L": layers, "H": hidden, "HP": triton_forward.padded(hidden), "IN": features,
+                      "PREPROCESS": features == 2, "BLOCK_N": triton_forward.BLOCK_N,
+                      "DOT_PRECISION": triton_forward.DOT_PRECISION, "ROW": packed}
         signature = {name: "*fp32" for name in ("grad_ptr", "h_ptr", "c_ptr", "dtheta_ptr", "dh_next_ptr", "dc_next_ptr",
                                                 "dh_ptr", "dc_ptr", "partial_ptr", "w_ptr")}
         signature.update(n="i32", num_blocks="i32", output_scale="fp32",
@@ -88,7 +88,7 @@ def jobs() -> list[Job]:
         return Job(name, kernel, options, constexprs, {**signature, **{k: "constexpr" for k in constexprs}}, default,
                    constexprs["BLOCK_N"], options["num_warps"])
 
-    forward_options = {"num_warps": triton_step.NUM_WARPS}
-    backward_options = {"num_warps": triton_step.NUM_WARPS, "num_stages": triton_backward.NUM_STAGES}
-    return ([job(triton_step._l2l_fwd_kernel, forward_options, *config) for config in forward_configs()]
+    forward_options = {"num_warps": triton_forward.NUM_WARPS}
+    backward_options = {"num_warps": triton_forward.NUM_WARPS, "num_stages": triton_backward.NUM_STAGES}
+    return ([job(triton_forward._l2l_fwd_kernel, forward_options, *config) for config in forward_configs()]
             + [job(triton_backward._l2l_bwd_kernel, backward_options, *config) for config in backward_configs()])
