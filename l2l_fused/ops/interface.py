@@ -36,7 +36,6 @@ import torch
 from torch import Tensor
 
 from . import native  # loads the extension, if built: whether it was is known no other way
-from .constants import MAX_HIDDEN, MAX_LAYERS
 from .layout import NetShape, pack
 from .update import Update
 
@@ -182,16 +181,11 @@ def check_name(name, net=None) -> None:
         raise ValueError(f"backend {name!r}: {why}")
 
 
-def fused_problem(net, max_layers: int, max_hidden: int) -> Optional[str]:
-    """Why a fused backend, whose kernels compute in float32 and take at most ``max_layers`` ×
-    ``max_hidden``, cannot run ``net``; or None."""
+def fused_problem(net) -> Optional[str]:
+    """Why a fused backend, whose kernels compute in float32 on nets of limited size, cannot run ``net``; or None."""
     if net.head.weight.dtype != torch.float32:
         return f"runs float32 nets, not {net.head.weight.dtype}"
-    if not 1 <= net.num_layers <= max_layers:
-        return f"runs 1 to {max_layers} layers, not {net.num_layers}"
-    if not 1 <= net.hidden_size <= max_hidden:
-        return f"runs hidden_size up to {max_hidden}, not {net.hidden_size}"
-    return None
+    return NetShape.of(net).size_problem()
 
 
 # ------------------------------------------------------------------------------------------- registry
@@ -212,7 +206,7 @@ register(Backend(name="reference", priority=lambda device: 0, is_available=lambd
 
 register(Backend(
     name="native", priority=lambda device: 5, is_available=native.available, importer=_ops(".native"),
-    supports=lambda net: fused_problem(net, MAX_LAYERS, MAX_HIDDEN), unavailable_reason=native.unavailable_reason,
+    supports=fused_problem, unavailable_reason=native.unavailable_reason,
 ))
 
 # Whether triton is installed, asked without importing it (over half a second).
@@ -227,5 +221,5 @@ register(Backend(
     priority=lambda device: 10 if device.type == "cuda" else -1,
     is_available=lambda device: TRITON_INSTALLED and (device.type == "cuda" or (device.type == "cpu" and TRITON_INTERPRETED)),
     importer=_triton_ops,
-    supports=lambda net: fused_problem(net, MAX_LAYERS, MAX_HIDDEN),
+    supports=fused_problem,
 ))

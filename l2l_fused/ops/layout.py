@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .constants import MAX_HIDDEN, MAX_LAYERS
+
 
 @dataclass(frozen=True)
 class NetShape:
@@ -49,6 +51,14 @@ class NetShape:
     def layer_offset(self, layer: int) -> int:
         """Where ``W_layer`` starts; ``layer_offset(layers)`` is the head's offset."""
         return sum(self.rows(i) * 4 * self.hidden for i in range(layer))
+
+    def size_problem(self) -> Optional[str]:
+        """Why no fused kernel takes a net of this size (the limits of ops/constants.py), or None."""
+        if not 1 <= self.layers <= MAX_LAYERS:
+            return f"runs 1 to {MAX_LAYERS} layers, not {self.layers}"
+        if not 1 <= self.hidden <= MAX_HIDDEN:
+            return f"runs hidden_size up to {MAX_HIDDEN}, not {self.hidden}"
+        return None
 
     @property
     def packed_size(self) -> int:

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..constants import COLUMN, MAX_HIDDEN, MAX_LAYERS
+from ..constants import COLUMN
 from ..launch_table import LaunchTable, supported_dtypes
 from ..layout import NetShape
 from ..update import Update
@@ -113,9 +113,9 @@ def _l2l_fwd_kernel(
 
 def check_weights(weights: Tensor, shape: NetShape, device: torch.device) -> None:
     """Packed φ (:mod:`l2l_fused.ops.layout`) of a net the kernels take, where they run."""
-    if not 1 <= shape.layers <= MAX_LAYERS or not 1 <= shape.hidden <= MAX_HIDDEN:
-        raise ValueError(f"the triton kernels run 1 to {MAX_LAYERS} layers of up to {MAX_HIDDEN} units, not "
-                         f"{shape.layers} × {shape.hidden}")
+    problem = shape.size_problem()
+    if problem:
+        raise ValueError(f"the triton kernel {problem}")
     if weights.shape != (shape.packed_size,) or weights.dtype != torch.float32 or weights.device != device \
             or not weights.is_contiguous():
         raise ValueError(f"weights must be φ packed, contiguous float32 [{shape.packed_size}] on {device}, got "
