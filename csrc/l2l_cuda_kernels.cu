@@ -1,14 +1,20 @@
 // CUDA kernels of the step and its backward. Plain CUDA: this file needs no torch header, so it compiles
 // anywhere nvcc does (CI checks it for sm_90); l2l_cuda.cpp turns tensors into the launches below.
 //
-// One thread per coordinate, 128 to a block; the packed weights (l2l_math.h) are copied into shared memory
-// once per block when they fit (every thread reads the same weight at the same time: a broadcast), and read
-// through L1 otherwise. Forward: one launch for up to 256 tensors of a param group, through a table with a
-// row per tensor (the columns of l2l_constants.h, as the Triton launcher writes them) that is the kernel's parameter; a block finds its row by binary
-// search on the first blocks.
+// Forward: one launch for up to 256 tensors of a param group, through a table with a row per tensor (the
+// columns of l2l_constants.h, as the Triton launcher writes them) that is the kernel's parameter. A tensor's
+// coordinates fall in tiles of kForwardBlock; a tile finds its row by binary search on the rows' first tiles.
+// At the paper's hidden size (20) tiled_forward_kernel runs: a persistent grid whose blocks stage φ in shared
+// memory once, then compute each layer of a tile as a matrix product [160 coordinates x inputs] . [inputs x 4H]
+// on the FMA pipe, a thread holding 10 coordinates x 2 units (all 4 gates) in registers: per pair of inputs,
+// 9 float4 loads from shared memory feed 160 FFMAs. (With one load per FMA, as one thread per coordinate
+// reading φ does, the load/store unit would bound it at 3x the memory time.) Any other H, or state not aligned
+// for its vector accesses, runs forward_kernel: one thread per coordinate (coordinate_forward of l2l_math.h),
+// φ copied into shared memory once per block when it fits, else read through L1.
 // Backward: a fixed number of blocks (at most kBackwardPrograms, whatever the GPU) walk tiles of 128
 // coordinates in a fixed order; each tile's weight gradients are reduced in shared memory and added into the
 // block's own row of a partial-sum buffer, so the final sum over rows is deterministic, without atomics.
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -18,7 +24,7 @@
 namespace l2l {
 namespace {
 
-constexpr int kThreads = 128;
+constexpr int kThreads = 128;  // of a backward block
 
 __device__ __forceinline__ float load_param(int64_t addr, int64_t i, int code) {
   switch (code) {
@@ -58,48 +64,309 @@ __device__ __forceinline__ const float* stage_weights(const float* weights, int6
   return shared;
 }
 
-template <int H_CT, typename S>
-__global__ void __launch_bounds__(kThreads) forward_kernel(const __grid_constant__ LaunchTable table,
+// The table row of a tile: the last row whose first tile is <= it (empty tensors have none). __grid_constant__:
+// the rows are read where the parameter lives (the constant bank, where a block's uniform reads broadcast),
+// not copied per thread.
+__device__ __forceinline__ const int64_t* row_of(const LaunchTable& table, int64_t tile) {
+  int lo = 0, hi = table.count - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (table.rows[mid][kColFirstBlock] <= tile) lo = mid; else hi = mid - 1;
+  }
+  return table.rows[lo];
+}
+
+// What the optimizer's step does with a coordinate (`mine`: this thread has one); every thread of the warp takes
+// part. A NaN or ±inf gradient leaves its θ and state as they are; the warp counts its skipped coordinates with
+// one atomic (an overflowing AMP step makes every coordinate skip). A zero gradient carries no signal: the
+// state stays, θ only decays. Under maximize the net is fed −∇.
+enum class Step { kNone, kDecay, kFull };
+__device__ __forceinline__ Step optimizer_step(float& g, bool mine, unsigned long long* skipped, const Update& u) {
+  const bool bad = mine && !isfinite(g);
+  const unsigned ballot = __ballot_sync(0xFFFFFFFFu, bad);
+  if (ballot != 0 && threadIdx.x % 32 == 0) atomicAdd(skipped, __popc(ballot));
+  if (!mine || bad) return Step::kNone;
+  if (g == 0.0f) return Step::kDecay;
+  if (u.maximize) g = -g;
+  return Step::kFull;
+}
+
+__device__ __forceinline__ float step_lr(const Update& u) { return u.lr_ptr != nullptr ? *u.lr_ptr : u.lr; }
+
+template <typename S>
+__global__ void __launch_bounds__(kForwardBlock) forward_kernel(const __grid_constant__ LaunchTable table,
                                                            const float* weights, int64_t packed,
                                                            bool weights_in_shared, NetShape s,
                                                            unsigned long long* skipped, Update u) {
   extern __shared__ float shared[];
   const float* w = stage_weights(weights, packed, weights_in_shared, shared);
-  // __grid_constant__: the rows are read where the parameter lives (the constant bank, where a block's
-  // uniform reads broadcast), not copied per thread.
-  int lo = 0, hi = table.count - 1;  // the last row whose first block is <= this block (empty tensors have none)
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (table.rows[mid][kColFirstBlock] <= static_cast<int64_t>(blockIdx.x)) lo = mid; else hi = mid - 1;
-  }
-  const int64_t* row = table.rows[lo];
+  const int64_t* row = row_of(table, blockIdx.x);
   const int64_t numel = row[kColNumel];
-  const int64_t n = (static_cast<int64_t>(blockIdx.x) - row[kColFirstBlock]) * kThreads + threadIdx.x;
-  if (n >= numel) return;
+  const int64_t n = (static_cast<int64_t>(blockIdx.x) - row[kColFirstBlock]) * kForwardBlock + threadIdx.x;
   const int code = static_cast<int>(row[kColDtype]);
-  float g = load_param(row[kColGrad], n, code);
+  float g = n < numel ? load_param(row[kColGrad], n, code) : 0.0f;
   float lr = 1.0f, decay = 1.0f;  // meta-training's step: θ + Δ
+  Step step = n < numel ? Step::kFull : Step::kNone;
   if (skipped != nullptr) {  // the optimizer's step
-    // A NaN or ±inf gradient leaves the coordinate's θ and state as they are; the warp counts its skipped
-    // coordinates with one atomic (an overflowing AMP step makes every coordinate skip).
-    const bool bad = !isfinite(g);
-    const unsigned active = __activemask();
-    const unsigned ballot = __ballot_sync(active, bad);
-    if (ballot != 0 && static_cast<int>(threadIdx.x % 32) == __ffs(active) - 1) atomicAdd(skipped, __popc(ballot));
-    if (bad) return;
-    lr = u.lr_ptr != nullptr ? *u.lr_ptr : u.lr;
+    step = optimizer_step(g, n < numel, skipped, u);
+    lr = step_lr(u);
     decay = decay_factor(lr, u.weight_decay);
-    if (g == 0.0f) {  // no gradient signal: the state stays, θ only decays
-      store_theta(row[kColThetaIn], row[kColThetaOut], n, code, decay, -0.0f);
-      return;
-    }
-    if (u.maximize) g = -g;
   }
-  const int64_t at = n * s.hidden;
-  const float delta = coordinate_forward<H_CT, S>(
-      s, w, g, reinterpret_cast<const S*>(row[kColHIn]) + at, reinterpret_cast<const S*>(row[kColCIn]) + at,
-      reinterpret_cast<S*>(row[kColHOut]) + at, reinterpret_cast<S*>(row[kColCOut]) + at, numel * s.hidden);
-  store_theta(row[kColThetaIn], row[kColThetaOut], n, code, decay, lr * delta);
+  if (step == Step::kNone) return;
+  float theta_step = -0.0f;  // kDecay: θ·decay alone
+  if (step == Step::kFull) {
+    const int64_t at = n * s.hidden;
+    theta_step = lr * coordinate_forward<0, S>(
+        s, w, g, reinterpret_cast<const S*>(row[kColHIn]) + at, reinterpret_cast<const S*>(row[kColCIn]) + at,
+        reinterpret_cast<S*>(row[kColHOut]) + at, reinterpret_cast<S*>(row[kColCOut]) + at, numel * s.hidden);
+  }
+  store_theta(row[kColThetaIn], row[kColThetaOut], n, code, decay, theta_step);
+}
+
+// ------------------------------------------------------------------------------------ the tiled forward
+
+constexpr int kTileHidden = 20;
+constexpr int kTile = kForwardBlock;  // coordinates of a tile, one per thread for what is done per coordinate
+constexpr int kTileThreads = 160;
+constexpr int kTileBlocksPerSM = 2;  // registers (168 a thread) and shared memory (46-60 KB) allow it on sm_90
+// A thread computes units 2 pair, 2 pair + 1 (pair = thread / 16) of coordinates 2 group + 32 r + {0, 1}
+// (group = thread % 16, r < kRuns): its 10 cells.
+constexpr int kRuns = 5;
+static_assert(kTile == kTileThreads && kTileThreads == kTileHidden / 2 * 16 && kTile == 32 * kRuns, "the cells");
+// A tile's inputs in shared memory are interleaved by pairs of rows: input k of coordinate c is element k % 2 of
+// float2 (k / 2) kPairStride + c. So a float4 load brings two inputs of two coordinates and an h' pair (units
+// 2 pair, 2 pair + 1) is one store; the padding puts consecutive pairs of rows 4 banks apart, which spreads the
+// transposing stores of the state.
+constexpr int kPairStride = kTile + 2;
+constexpr int kHeadSlots = (kTileHidden + 1 + 3) / 4;  // w_out and b_out, in float4 slots
+
+// Inputs of layer l as staged: layer 0 keeps two rows for the gradient features (the second all zeros without
+// preprocessing), so one code serves both.
+__host__ __device__ constexpr int tile_rows(int l) { return (l == 0 ? 2 : kTileHidden) + kTileHidden; }
+// Where layer l starts in the staged weights, in float4 slots: per unit, one slot (its 4 gates) per input and
+// one for the bias.
+__host__ __device__ constexpr int tile_layer_offset(int l) {
+  return l == 0 ? 0 : kTileHidden * (tile_rows(0) + 1) + (l - 1) * kTileHidden * (tile_rows(1) + 1);
+}
+// Staged weights, head, the tile's inputs (2H rows) and a bit per coordinate: whether its state is written.
+size_t tile_shared_bytes(int layers) {
+  return (tile_layer_offset(layers) + kHeadSlots) * sizeof(float4) + kTileHidden * kPairStride * sizeof(float2) +
+         kTile / 8;
+}
+// The kernel moves the state 4 values (of one coordinate) at a time, 2 in its cells: a tensor's state must start
+// on a multiple of 4 values (as PyTorch allocates it; views along N of [L, N, H] keep it, H being 20).
+template <typename S>
+bool tile_aligned(int64_t address) { return static_cast<uint64_t>(address) % (4 * sizeof(S)) == 0; }
+
+// The gates' activations, float32-accurate without the IEEE divide's slow path: one MUFU.EX2 and one MUFU.RCP
+// each. The staged weights of the i, f, o gates are scaled by -log2 e and those of g by 2 log2 e, so a gate's dot
+// product is already the exponent e:
+//   σ = 1 / (1 + 2^e),   tanh = 1 + r  with  r = -2 / (1 + 2^e)  = 1 / (-0.5 - 0.5 · 2^e)
+// (exact at ±∞: 2^e is 0 or ∞, 1/∞ = 0; NaN stays NaN). tanh is never formed: x · tanh = x + x r, one FMA.
+// Error (PTX ISA: ex2.approx.f32 within 2 ulp, rcp.approx.f32 within 1 ulp): 1 + 2^e adds half an ulp (scaled
+// by -0.5, exactly), so σ and r are within 3.5 ulp, 2.1e-7 relative; tanh = 1 + r within 4.2e-7 absolute (its
+// relative accuracy near 0 is lost, as in the reference's (1 - e) / (1 + e)). Scaling the weights rounds each
+// product once more: the exponent is that of z perturbed by 2^-24 Σ|w x|, one more rounding of the float32 dot
+// product, whose own error is larger. .ftz flushes a 2^e below 2^-126 to 0, where σ and tanh round to 1 and -1
+// anyway, and a σ or r below 2^-126 to 0 (absolute error < 1.2e-38). All far inside the float32 test bound
+// 1e-5 (1 + |ref|).
+constexpr float kLog2e = 1.4426950408889634f;
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float rcp(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float sigmoid_of(float e) { return rcp(1.0f + ex2(e)); }
+__device__ __forceinline__ float tanh_minus_1_of(float e) { return rcp(fmaf(ex2(e), -0.5f, -0.5f)); }
+
+// A unit's (h', c') from its gates' exponents (i, f, g, o) and c: c' = f c + i tanh g, h' = o tanh c'.
+__device__ __forceinline__ float2 lstm_cell(float4 e, float c) {
+  const float i = sigmoid_of(e.x), c_new = fmaf(sigmoid_of(e.y), c, fmaf(i, tanh_minus_1_of(e.z), i));
+  const float o = sigmoid_of(e.w);
+  return make_float2(fmaf(o, tanh_minus_1_of(2.0f * kLog2e * c_new), o), c_new);
+}
+
+// State values in twos (units 2 pair, 2 pair + 1) and fours (units 4 q to 4 q + 3). bfloat16 is rounded to
+// nearest even by the hardware's conversion, as to_bf16_bits does (a NaN stays a NaN).
+__device__ __forceinline__ float bf16_lo(uint32_t b) { return __uint_as_float(b << 16); }
+__device__ __forceinline__ float bf16_hi(uint32_t b) { return __uint_as_float(b & 0xFFFF0000u); }
+__device__ __forceinline__ float2 load2(const float* p) { return *reinterpret_cast<const float2*>(p); }
+__device__ __forceinline__ float2 load2(const uint16_t* p) {
+  const uint32_t b = *reinterpret_cast<const uint32_t*>(p);
+  return make_float2(bf16_lo(b), bf16_hi(b));
+}
+__device__ __forceinline__ void store2(float* p, float2 v) { *reinterpret_cast<float2*>(p) = v; }
+__device__ __forceinline__ void store2(uint16_t* p, float2 v) {
+  *reinterpret_cast<__nv_bfloat162*>(p) = __float22bfloat162_rn(v);
+}
+__device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ float4 load4(const uint16_t* p) {
+  const uint2 b = *reinterpret_cast<const uint2*>(p);
+  return make_float4(bf16_lo(b.x), bf16_hi(b.x), bf16_lo(b.y), bf16_hi(b.y));
+}
+
+// φ as the tiled kernel reads it: per layer and unit, a float4 of the 4 gates' (pre-scaled) weights for each
+// input, then for the bias; then the head's w_out and b_out.
+__device__ void stage_tile_weights(const float* weights, const NetShape& s, float4* w, float* head) {
+  constexpr int H = kTileHidden;
+  for (int e = threadIdx.x; e < tile_layer_offset(s.layers); e += blockDim.x) {
+    const int l = e < tile_layer_offset(1) ? 0 : 1 + (e - tile_layer_offset(1)) / (H * (tile_rows(1) + 1));
+    const int slot = e - tile_layer_offset(l), unit = slot / (tile_rows(l) + 1), k = slot % (tile_rows(l) + 1);
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (l > 0 || k >= 2 || k < s.features) {
+      const int packed_row = l > 0 || k < 2 ? k : k - 2 + s.features;
+      const float* p = weights + layer_offset(s, l) + packed_row * 4 * H + unit;
+      v = make_float4(-kLog2e * p[0], -kLog2e * p[H], 2.0f * kLog2e * p[2 * H], -kLog2e * p[3 * H]);
+    }
+    w[e] = v;
+  }
+  const float* w_out = weights + layer_offset(s, s.layers);
+  for (int k = threadIdx.x; k <= H; k += blockDim.x) head[k] = w_out[k];
+}
+
+// A tile's h of one layer (coordinates [0, count) from `h`, H values each) into the H / 2 row pairs from `rows`:
+// consecutive threads load consecutive fours of values (of one coordinate), coalesced. The rows of coordinates
+// past the tensor's end keep what they held: nothing of those coordinates is stored, and no coordinate's
+// arithmetic reads another's.
+template <typename S>
+__device__ __forceinline__ void stage_state(const S* h, float2* rows, int count) {
+  constexpr int kFours = kTileHidden / 4, kCoordsPerPass = kTileThreads / kFours;
+  static_assert(kTileHidden % 4 == 0 && kTileThreads % kFours == 0 && kTile % kCoordsPerPass == 0, "fours");
+  const int pair = 2 * (threadIdx.x % kFours), first = threadIdx.x / kFours;
+#pragma unroll
+  for (int j = 0; j < kTile / kCoordsPerPass; ++j) {
+    const int coord = first + j * kCoordsPerPass;
+    if (coord < count) {
+      const float4 v = load4(h + 4 * (threadIdx.x + j * kTileThreads));
+      rows[pair * kPairStride + coord] = make_float2(v.x, v.y);
+      rows[(pair + 1) * kPairStride + coord] = make_float2(v.z, v.w);
+    }
+  }
+}
+
+__device__ __forceinline__ float4 fma4(float4 w, float x, float4 acc) {
+  return make_float4(fmaf(w.x, x, acc.x), fmaf(w.y, x, acc.y), fmaf(w.z, x, acc.z), fmaf(w.w, x, acc.w));
+}
+
+// Row pair kp of a layer's product: inputs 2 kp, 2 kp + 1 of the thread's cells times their weights, added to z,
+// or at the first pair to the biases (w0[Rows], w1[Rows]), which spares copying them into the accumulators.
+template <int Rows, bool kFirst>
+__device__ __forceinline__ void product_pair(float4 (&z)[2][2 * kRuns], const float4* x, const float4* w0,
+                                             const float4* w1, int kp) {
+  const float4 a0 = w0[2 * kp], a1 = w0[2 * kp + 1], b0 = w1[2 * kp], b1 = w1[2 * kp + 1];
+#pragma unroll
+  for (int r = 0; r < kRuns; ++r) {
+    const float4 v = x[kp * (kPairStride / 2) + 16 * r];  // inputs 2 kp, 2 kp + 1 of cells 2 r, then 2 r + 1
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int i = 2 * r + e;
+      const float x0 = e == 0 ? v.x : v.z, x1 = e == 0 ? v.y : v.w;
+      z[0][i] = fma4(a1, x1, fma4(a0, x0, kFirst ? w0[Rows] : z[0][i]));
+      z[1][i] = fma4(b1, x1, fma4(b0, x0, kFirst ? w1[Rows] : z[1][i]));
+    }
+  }
+}
+
+// One layer of a tile: its inputs from rows [0, Rows) of `in`, its h' into rows [0, H) once every thread has
+// read them. c_in, h_out, c_out point at this thread's first cell (coordinate 2 group, unit 2 pair) of this
+// layer's state; bit i of `keep`: whether cell i's state is written.
+template <int Rows, typename S>
+__device__ __forceinline__ void tile_layer(const float4* w, float2* in, unsigned keep, int pair, int group,
+                                           const S* c_in, S* h_out, S* c_out) {
+  constexpr int H = kTileHidden;
+  static_assert(Rows % 2 == 0 && Rows / 2 % 3 == 2, "the loop between the first and last row pairs goes by 3");
+  // The gate exponents of units 2 pair + u, cells i: the bias plus Σ_k input k · weight k, a float4 of 4 gates.
+  const float4* w0 = w + 2 * pair * (Rows + 1);
+  const float4* w1 = w0 + Rows + 1;
+  const float4* x = reinterpret_cast<const float4*>(in) + group;
+  float4 z[2][2 * kRuns];
+  product_pair<Rows, true>(z, x, w0, w1, 0);
+#pragma unroll (Rows / 2 - 2) / 3
+  for (int kp = 1; kp < Rows / 2 - 1; ++kp) product_pair<Rows, false>(z, x, w0, w1, kp);
+  product_pair<Rows, false>(z, x, w0, w1, Rows / 2 - 1);
+  __syncthreads();  // every thread is done with this layer's inputs
+  float2* h_rows = in + pair * kPairStride + 2 * group;
+#pragma unroll
+  for (int i = 0; i < 2 * kRuns; ++i) {
+    const int at = 32 * (i / 2) + i % 2;  // cell i's coordinate, from 2 group
+    const bool kept = keep >> i & 1;
+    const float2 c = kept ? load2(c_in + at * H) : make_float2(0.0f, 0.0f);
+    const float2 cell0 = lstm_cell(z[0][i], c.x), cell1 = lstm_cell(z[1][i], c.y);
+    const float2 h_new = make_float2(cell0.x, cell1.x);
+    h_rows[at] = h_new;
+    if (kept) {
+      store2(h_out + at * H, h_new);
+      store2(c_out + at * H, make_float2(cell0.y, cell1.y));
+    }
+  }
+}
+
+// A persistent grid: each block stages φ once, then walks tiles of kTile coordinates (of any of the table's
+// tensors) in steps of the grid. Every row's state is tile_aligned.
+template <typename S>
+__global__ void __launch_bounds__(kTileThreads, kTileBlocksPerSM) tiled_forward_kernel(
+    const __grid_constant__ LaunchTable table, int64_t tiles, const float* weights, NetShape s,
+    unsigned long long* skipped, Update u) {
+  constexpr int H = kTileHidden;
+  extern __shared__ float4 smem[];
+  float* head = reinterpret_cast<float*>(smem + tile_layer_offset(s.layers));
+  float2* in = reinterpret_cast<float2*>(head + 4 * kHeadSlots);
+  unsigned* keep_bits = reinterpret_cast<unsigned*>(in + H * kPairStride);
+  stage_tile_weights(weights, s, smem, head);
+  float lr = 1.0f, decay = 1.0f;  // meta-training's step: θ + Δ
+  if (skipped != nullptr) {
+    lr = step_lr(u);
+    decay = decay_factor(lr, u.weight_decay);
+  }
+  const int t = threadIdx.x, pair = t / 16, group = t % 16;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t* row = row_of(table, tile);
+    const int64_t numel = row[kColNumel], n0 = (tile - row[kColFirstBlock]) * kTile, stride = numel * H;
+    const int count = static_cast<int>(numel - n0 < kTile ? numel - n0 : kTile);
+    const int code = static_cast<int>(row[kColDtype]);
+    const S* h_in = reinterpret_cast<const S*>(row[kColHIn]) + n0 * H;
+    const int64_t cell = (n0 + 2 * group) * H + 2 * pair;
+    const S* c_in = reinterpret_cast<const S*>(row[kColCIn]) + cell;
+    S* h_out = reinterpret_cast<S*>(row[kColHOut]) + cell;
+    S* c_out = reinterpret_cast<S*>(row[kColCOut]) + cell;
+    __syncthreads();  // the weights are staged, the previous tile's head has read `in`
+    const bool mine = t < count;  // thread t's coordinate
+    float g = mine ? load_param(row[kColGrad], n0 + t, code) : 0.0f;
+    const Step step = skipped != nullptr ? optimizer_step(g, mine, skipped, u) : mine ? Step::kFull : Step::kNone;
+    float x[2] = {0.0f, 0.0f};
+    features(s, g, x);
+    in[t] = make_float2(x[0], x[1]);
+    const unsigned kept = __ballot_sync(0xFFFFFFFFu, step == Step::kFull);
+    if (t % 32 == 0) keep_bits[t / 32] = kept;
+    stage_state(h_in, in + kPairStride, count);
+    __syncthreads();
+    unsigned keep = 0;  // bit i: cell i's coordinate 2 group + 32 (i / 2) + i % 2
+#pragma unroll
+    for (int r = 0; r < kRuns; ++r) keep |= (keep_bits[r] >> 2 * group & 3u) << 2 * r;
+    tile_layer<tile_rows(0)>(smem, in, keep, pair, group, c_in, h_out, c_out);
+    for (int l = 1; l < s.layers; ++l) {  // its input: rows [0, H) the layer below's h', rows [H, 2H) its own h
+      stage_state(h_in + l * stride, in + H / 2 * kPairStride, count);
+      __syncthreads();
+      tile_layer<tile_rows(1)>(smem + tile_layer_offset(l), in, keep, pair, group, c_in + l * stride,
+                               h_out + l * stride, c_out + l * stride);
+    }
+    __syncthreads();
+    if (step != Step::kNone) {
+      float out = head[H];
+#pragma unroll
+      for (int kp = 0; kp < H / 2; ++kp) {
+        const float2 h = in[kp * kPairStride + t];
+        out += head[2 * kp] * h.x + head[2 * kp + 1] * h.y;
+      }
+      store_theta(row[kColThetaIn], row[kColThetaOut], n0 + t, code, decay,
+                  step == Step::kFull ? lr * (s.output_scale * out) : -0.0f);
+    }
+  }
 }
 
 // Weight gradients of one tile of kThreads coordinates, summed over the tile in shared memory and added
@@ -197,16 +464,36 @@ bool weights_fit_shared(const NetShape& s) { return packed_size(s) * sizeof(floa
 cudaError_t launch_forward(const LaunchTable& table, int64_t blocks, const float* weights, const NetShape& s,
                            bool bf16_state, int64_t* skipped, const Update& u, cudaStream_t stream) {
   if (blocks == 0) return cudaSuccess;
-  const bool in_shared = weights_fit_shared(s);
-  const size_t bytes = in_shared ? packed_size(s) * sizeof(float) : 0;
-  return dispatch(s, bf16_state, [&](auto hidden, auto state) {
-    auto kernel = forward_kernel<decltype(hidden)::value, decltype(state)>;
+  auto* count = reinterpret_cast<unsigned long long*>(skipped);
+  auto run = [&](auto state) {
+    using S = decltype(state);
+    bool aligned = true;
+    for (int r = 0; r < table.count; ++r) {
+      for (int col : {kColHIn, kColHOut, kColCIn, kColCOut}) aligned &= tile_aligned<S>(table.rows[r][col]);
+    }
+    if (s.hidden == kTileHidden && aligned) {  // as many blocks as fit on the GPU at once, at most one per tile
+      auto kernel = tiled_forward_kernel<S>;
+      const size_t bytes = tile_shared_bytes(s.layers);
+      int device = 0, sms = 0;
+      cudaError_t err = allow_shared(kernel, bytes);
+      if (err == cudaSuccess) err = cudaGetDevice(&device);
+      if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+      if (err != cudaSuccess) return err;
+      const int64_t resident = static_cast<int64_t>(sms) * kTileBlocksPerSM;
+      kernel<<<static_cast<unsigned>(blocks < resident ? blocks : resident), kTileThreads, bytes, stream>>>(
+          table, blocks, weights, s, count, u);
+      return cudaGetLastError();
+    }
+    const bool in_shared = weights_fit_shared(s);
+    const size_t bytes = in_shared ? packed_size(s) * sizeof(float) : 0;
+    auto kernel = forward_kernel<S>;
     cudaError_t err = allow_shared(kernel, bytes);
     if (err != cudaSuccess) return err;
-    kernel<<<static_cast<unsigned>(blocks), kThreads, bytes, stream>>>(table, weights, packed_size(s), in_shared, s,
-                                                                     reinterpret_cast<unsigned long long*>(skipped), u);
+    kernel<<<static_cast<unsigned>(blocks), kForwardBlock, bytes, stream>>>(table, weights, packed_size(s), in_shared,
+                                                                          s, count, u);
     return cudaGetLastError();
-  });
+  };
+  return bf16_state ? run(uint16_t()) : run(float());
 }
 
 int backward_blocks(int64_t n) {

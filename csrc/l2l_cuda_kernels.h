@@ -11,7 +11,7 @@
 namespace l2l {
 
 constexpr int kRowsPerLaunch = 256;      // tensors per forward launch: a 20 KB table
-constexpr int kForwardBlock = 128;       // coordinates per block
+constexpr int kForwardBlock = 160;       // coordinates per block of the forward (a tile of the tiled kernel)
 constexpr size_t kWeightsSharedBytes = 96 * 1024;
 
 // The forward launch's table, passed by value as the kernel's parameter (CUDA 12.1 allows 32 KB of them),
