@@ -68,34 +68,39 @@ def implementations(case: Case, net, compile_reference: bool):
     h16, c16 = case.state(net, torch.bfloat16)
     skipped = torch.zeros((), dtype=torch.int64, device=case.device)
     reference = interface.resolve("reference", case.device).group_step
-    impls = [("reference (eager)", BYTES_PER_COORDINATE["float32"],
+    impls = [("reference (eager)", "exact", BYTES_PER_COORDINATE["float32"],
               lambda: reference(net, case.params, case.grads, h32, c32, skipped))]
     if compile_reference:
         compiled = torch.compile(reference, dynamic=False)
-        impls.append(("reference (torch.compile)", BYTES_PER_COORDINATE["float32"],
+        impls.append(("reference (torch.compile)", "exact", BYTES_PER_COORDINATE["float32"],
                       lambda: compiled(net, case.params, case.grads, h32, c32, skipped)))
-    for name in ("triton", "native"):
-        if name in available_backends(case.device):
-            group_step = interface.resolve(name, case.device).group_step
+    # The native kernels compute exactly in both modes (l2l_fused.ops.precision): one row each.
+    for name, precisions in (("triton", ("exact", "fast")), ("native", ("exact",))):
+        if name not in available_backends(case.device):
+            continue
+        group_step = interface.resolve(name, case.device).group_step
+        for mode in precisions:
             impls += [
-                (name, BYTES_PER_COORDINATE["float32"], lambda g=group_step: g(net, case.params, case.grads, h32, c32, skipped)),
-                (f"{name}, bf16 state", BYTES_PER_COORDINATE["bfloat16"],
-                 lambda g=group_step: g(net, case.params, case.grads, h16, c16, skipped)),
+                (f"{name} {mode}", mode, BYTES_PER_COORDINATE["float32"],
+                 lambda g=group_step, m=mode: g(net, case.params, case.grads, h32, c32, skipped, precision=m)),
+                (f"{name} {mode}, bf16 state", mode, BYTES_PER_COORDINATE["bfloat16"],
+                 lambda g=group_step, m=mode: g(net, case.params, case.grads, h16, c16, skipped, precision=m)),
             ]
     adam_params = [torch.nn.Parameter(p.clone()) for p in case.params]
     for p, g in zip(adam_params, case.grads):
         p.grad = g
     adam = torch.optim.Adam(adam_params, lr=1e-3, fused=case.device.type == "cuda", foreach=case.device.type != "cuda")
-    impls.append(("Adam (fused)" if case.device.type == "cuda" else "Adam (foreach)", ADAM_BYTES_PER_COORDINATE, adam.step))
+    impls.append(("Adam (fused)" if case.device.type == "cuda" else "Adam (foreach)", "exact", ADAM_BYTES_PER_COORDINATE,
+                  adam.step))
     return impls
 
 
 def run_case(case: Case, net, bandwidth_gbps: float, compile_reference: bool) -> list[dict]:
     rows = []
     with torch.no_grad():
-        for name, bytes_per, fn in implementations(case, net, compile_reference):
-            row = {"case": case.name, "impl": name, "coordinates": case.n, "tensors": len(case.shapes),
-                   "bytes_per_coordinate": bytes_per}
+        for name, mode, bytes_per, fn in implementations(case, net, compile_reference):
+            row = {"case": case.name, "impl": name, "precision": mode, "coordinates": case.n,
+                   "tensors": len(case.shapes), "bytes_per_coordinate": bytes_per}
             try:
                 row.update(median_ms(fn, case.device))
                 row["peak_extra_bytes"] = peak_extra_bytes(fn, case.device)
@@ -142,14 +147,13 @@ def count_launches(case: Case, net) -> dict:
             "kernel_names": sorted(set(kernels))}
 
 
-# (dot precision, BLOCK_N, num_warps): the tf32x3 and ieee ones spill registers at 255 (sm_90 compile
-# report), plain tf32 at BLOCK_N=64 with 8 warps does not.
-SWEEP = [("tf32x3", 32, 4), ("tf32x3", 64, 4), ("tf32x3", 64, 8), ("tf32x3", 128, 8), ("tf32", 64, 4),
-         ("tf32", 64, 8), ("tf32", 128, 8), ("ieee", 16, 4), ("ieee", 64, 4)]
+# (precision, BLOCK_N, num_warps) of the persistent forward: the default launches (128, 8) and the
+# neighbours bench/perf_model.py also models when this sweep is recorded.
+SWEEP = [("exact", 128, 8), ("exact", 64, 4), ("exact", 64, 8), ("fast", 128, 8), ("fast", 64, 4), ("fast", 64, 8)]
 
 
 def sweep(device, net, n: int) -> list[dict]:
-    """Block size × warps × dot precision of the Triton step at n coordinates: time, and error against a
+    """Block size × warps × precision of the Triton step at n coordinates: time, and error against a
     float64 reference on the first 100k coordinates."""
     case = Case(f"flat {n:.0e}", [(n,)], device)
     h, c = case.state(net, torch.float32)
@@ -168,12 +172,12 @@ def sweep(device, net, n: int) -> list[dict]:
     for precision, block_n, warps in SWEEP:
         def fn():
             triton_forward.launch_forward([(theta, out[0], case.grads[0], h[0], out[1], c[0], out[2])], weights,
-                                          NetShape.of(net), block_n=block_n, dot_precision=precision, num_warps=warps)
+                                          NetShape.of(net), precision=precision, block_n=block_n, num_warps=warps)
         fn()
         err = max(((out[0][:m].double() - theta[:m].double()) - delta64).abs().max().item(),
                   (out[1][:, :m].double() - h64).abs().max().item(),
                   (out[2][:, :m].double() - c64).abs().max().item())
-        row = {"block_n": block_n, "num_warps": warps, "dot_precision": precision, "max_abs_error": err,
+        row = {"block_n": block_n, "num_warps": warps, "precision": precision, "max_abs_error": err,
                **median_ms(fn, device)}
         rows.append(row)
         print(f"sweep {precision:>7} BLOCK_N={block_n:3d} warps={warps}: {row['median_ms']:8.3f} ms  max|err| {err:.2e}", flush=True)
@@ -198,8 +202,9 @@ def main(argv=None) -> int:
     if "triton" in available_backends(device):
         from l2l_fused.ops.triton import forward as triton_forward
 
-        payload["config"] = {"block_n": triton_forward.BLOCK_N, "num_warps": triton_forward.NUM_WARPS,
-                             "dot_precision": triton_forward.DOT_PRECISION}
+        payload["config"] = {mode: dict(zip(("block_n", "num_warps", "num_stages"),
+                                            triton_forward.launch_config(NetShape.of(net), mode)))
+                             for mode in ("exact", "fast")}
     if args.sweep and device.type == "cuda":
         payload["sweep"] = sweep(device, net, 10_000_000)
     # One case alive at a time: at 100M coordinates a case's state alone is 32 GB.

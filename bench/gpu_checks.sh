@@ -55,10 +55,11 @@ OUT=${OUT:-gpu-out}
 LOGS=$OUT/logs  # packed into $OUT/logs.tar.gz at the end
 PYTHON=${PYTHON:-python3}
 # tests: every test marked cuda or with cuda in its id (-k matches marker names too), and the kernel test
-# modules (test_triton*, test_native*, test_capture*, whose tests run on CUDA through kernel_device),
+# modules (test_triton*, test_native*, test_capture*, test_precision*, whose tests run on CUDA through
+# kernel_device),
 # less their CPU variants, the interpreter, and the two compile-only tests (sm_90 compile reports) CI runs.
 TESTS_M=${TESTS_M:-not slow}
-TESTS_K=${TESTS_K:-(cuda or triton or native or captur) and not (cpu and not cuda) and not interpreted and not hopper and not torch_headers}
+TESTS_K=${TESTS_K:-(cuda or triton or native or captur or precision) and not (cpu and not cuda) and not interpreted and not hopper and not torch_headers}
 TEST_WORKERS=${TEST_WORKERS:-8}  # pytest-xdist processes, where it is installed: Triton compiles in parallel
 TEST_TIMEOUT=${TEST_TIMEOUT:-60}  # per test, where pytest-timeout is installed
 # sanitize: the Triton forward launched out of place (float32 and bf16 state, at the paper's net and at

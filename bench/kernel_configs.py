@@ -14,12 +14,14 @@ from typing import NamedTuple
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("kernel_configs: unset TRITON_INTERPRET (the interpreter compiles nothing)")
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from l2l_fused.ops.layout import NetShape  # noqa: E402
+from l2l_fused.ops.precision import PRECISIONS  # noqa: E402
 from l2l_fused.ops.triton import backward as triton_backward  # noqa: E402
 from l2l_fused.ops.triton import forward as triton_forward  # noqa: E402
 
@@ -27,37 +29,38 @@ HOPPER = GPUTarget("cuda", 90, 32)
 HOPPER_SHARED_PER_BLOCK = 227 * 1024  # an H100 block's opt-in maximum; a kernel asking more fails to launch
 
 
-def forward_signature(num_layers: int) -> dict:
-    return {"table_ptr": "*i64", "block_tensor_ptr": "*i32", "w_ptr": "*fp32", "skipped_ptr": "*i64", "lr_ptr": "*fp32",
-            "output_scale": "fp32", "inv_p": "fp32", "threshold": "fp32", "exp_p": "fp32", "lr": "fp32",
-            "weight_decay": "fp32"}
+def forward_signature() -> dict:
+    return {"table_ptr": "*i64", "block_tensor_ptr": "*i32", "t_ptr": "*fp32", "skipped_ptr": "*i64", "lr_ptr": "*fp32",
+            "num_blocks": "i32", "output_scale": "fp32", "inv_p": "fp32", "threshold": "fp32", "exp_p": "fp32",
+            "lr": "fp32", "weight_decay": "fp32"}
 
 
 def forward_configs():
-    """(name, constexprs, num_warps): the default launch over the nets the tests and the paper use; the
-    optimizer's (group=True: skipping, lr, weight decay; a float lr unless lr=tensor), and meta-training's
-    forward (group=False) for the paper's net."""
+    """(name, constexprs, signature): the default launch (aligned tensors) over the nets the tests and the
+    paper use, in both precisions; the optimizer's (group=True: skipping, lr, weight decay; a float lr
+    unless lr=tensor), and meta-training's forward (group=False) for the paper's net."""
     for layers, hidden, features, state, group, lr_tensor in [
-        (2, 20, 2, tl.float32, True, False), (2, 20, 2, tl.float32, True, True), (2, 20, 2, tl.bfloat16, True, False),
-        (1, 20, 1, tl.float32, True, False), (3, 64, 2, tl.float32, True, False), (1, 33, 2, tl.bfloat16, True, False),
-        (2, 5, 2, tl.float32, True, False), (2, 20, 2, tl.float32, False, False),
+        (2, 20, 2, torch.float32, True, False), (2, 20, 2, torch.float32, True, True),
+        (2, 20, 2, torch.bfloat16, True, False), (1, 20, 1, torch.float32, True, False),
+        (3, 64, 2, torch.float32, True, False), (1, 33, 2, torch.bfloat16, True, False),
+        (2, 5, 2, torch.float32, True, False), (2, 20, 2, torch.float32, False, False),
     ]:
-        constexprs = {"L": layers, "H": hidden, "HP": triton_forward.padded(hidden), "IN": features,
-                      "PREPROCESS": features == 2, "STATE_DTYPE": state,
-                      "BLOCK_N": triton_forward.forward_block(triton_forward.padded(hidden)),
-                      "DOT_PRECISION": triton_forward.DOT_PRECISION, "GROUP_STEP": group, "LR_TENSOR": lr_tensor,
-                      "MAXIMIZE": lr_tensor}
-        lr = " lr=tensor maximize" if lr_tensor else ""
-        yield (f"forward L={layers} H={hidden} in={features} state={state} group={group}{lr}", constexprs,
-               forward_signature(layers))
+        for precision in PRECISIONS:
+            shape = NetShape(layers, hidden, features, 10.0 if features == 2 else None, 0.1)
+            block_n, _, _ = triton_forward.launch_config(shape, precision)
+            constexprs = {**triton_forward.kernel_constants(shape, state, precision, block_n), "GROUP_STEP": group,
+                          "LR_TENSOR": lr_tensor, "MAXIMIZE": lr_tensor, "ALIGNED": True}
+            lr = " lr=tensor maximize" if lr_tensor else ""
+            yield (f"forward {precision} L={layers} H={hidden} in={features} state={constexprs['STATE_DTYPE']} "
+                   f"group={group}{lr}", constexprs, forward_signature())
 
 
 def backward_configs():
     for layers, hidden, features in [(2, 20, 2), (1, 20, 1), (3, 64, 2), (2, 5, 2)]:
         packed = NetShape(layers, hidden, features, 10.0 if features == 2 else None, 0.1).packed_size
         constexprs = {"L": layers, "H": hidden, "HP": triton_forward.padded(hidden), "IN": features,
-                      "PREPROCESS": features == 2, "BLOCK_N": triton_forward.BLOCK_N,
-                      "DOT_PRECISION": triton_forward.DOT_PRECISION, "ROW": packed}
+                      "PREPROCESS": features == 2, "BLOCK_N": triton_backward.BLOCK_N,
+                      "DOT_PRECISION": triton_backward.DOT_PRECISION, "ROW": packed}
         signature = {name: "*fp32" for name in ("grad_ptr", "h_ptr", "c_ptr", "dtheta_ptr", "dh_next_ptr", "dc_next_ptr",
                                                 "dh_ptr", "dc_ptr", "partial_ptr", "w_ptr")}
         signature.update(n="i32", num_blocks="i32", output_scale="fp32",
@@ -88,7 +91,11 @@ def jobs() -> list[Job]:
         return Job(name, kernel, options, constexprs, {**signature, **{k: "constexpr" for k in constexprs}}, default,
                    constexprs["BLOCK_N"], options["num_warps"])
 
-    forward_options = {"num_warps": triton_forward.NUM_WARPS}
-    backward_options = {"num_warps": triton_forward.NUM_WARPS, "num_stages": triton_backward.NUM_STAGES}
-    return ([job(triton_forward._l2l_fwd_kernel, forward_options, *config) for config in forward_configs()]
+    def forward_options(constexprs):
+        shape = NetShape(constexprs["L"], constexprs["H"], constexprs["IN"], 10.0 if constexprs["PREPROCESS"] else None, 0.1)
+        _, warps, stages = triton_forward.launch_config(shape, "exact" if constexprs["EXACT"] else "fast")
+        return {"num_warps": warps, "num_stages": stages}
+
+    backward_options = {"num_warps": triton_backward.NUM_WARPS, "num_stages": triton_backward.NUM_STAGES}
+    return ([job(triton_forward._l2l_fwd_kernel, forward_options(config[1]), *config) for config in forward_configs()]
             + [job(triton_backward._l2l_bwd_kernel, backward_options, *config) for config in backward_configs()])

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from .capture import capturing
 
 from .ops import interface
+from .ops import precision as precisions
 from .ops.layout import pack
 from .ops.reference import CellWeights, input_size
 
@@ -108,15 +109,19 @@ class LSTMOptimizerNet(nn.Module):
         state: State,
         backend: str = "auto",
         saved_state_dtype: Optional[torch.dtype] = None,
+        precision: Optional[str] = None,
     ) -> tuple[Tensor, State]:
         """One step: returns ``(theta + Δ, (h', c'))``, theta's shape kept.
 
         Differentiable with respect to φ, ``theta`` and ``state``; no gradient flows into ``grad``. On the
         fused backends autograd saves only ``grad`` and the incoming state, in ``saved_state_dtype``
-        (e.g. ``torch.bfloat16``, half the memory of an unrolled step) if given.
+        (e.g. ``torch.bfloat16``, half the memory of an unrolled step) if given. ``precision``: ``"exact"``,
+        ``"fast"`` (TF32 tensor-core products on the Triton backend), or None to follow
+        ``torch.get_float32_matmul_precision()`` (:mod:`l2l_fused.ops.precision`).
         """
         if not isinstance(theta, Tensor) or not isinstance(grad, Tensor):
             raise TypeError("theta and grad must be tensors")
+        precisions.check(precision)
         if grad.shape != theta.shape:
             raise ValueError(f"grad must have theta's shape {tuple(theta.shape)}, got {tuple(grad.shape)}")
         h, c = state
@@ -130,7 +135,8 @@ class LSTMOptimizerNet(nn.Module):
             if t.dtype != dtype:
                 raise ValueError(f"{name} has dtype {t.dtype}, the net's weights {dtype}: cast one of them")
         impl = interface.resolve(backend, theta.device, self)
-        theta_next, h_next, c_next = impl.step(self, theta.reshape(-1), grad.reshape(-1), h, c, saved_state_dtype)
+        theta_next, h_next, c_next = impl.step(self, theta.reshape(-1), grad.reshape(-1), h, c, saved_state_dtype,
+                                               precision)
         return theta_next.view(theta.shape), (h_next, c_next)
 
 

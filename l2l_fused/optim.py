@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 
 from . import capture
 from .ops import interface
+from .ops import precision as precisions
 from .ops.launch_table import LaunchTable
 from .ops.update import Update
 from .net import LSTMOptimizerNet
@@ -78,6 +79,7 @@ def _check_values(options: dict, prefix: str) -> None:
     _check_lr(options["lr"], f"{prefix}lr")
     _check_weight_decay(options["weight_decay"], f"{prefix}weight_decay")
     _check_bool(options["maximize"], f"{prefix}maximize")
+    precisions.check(options["precision"], f"{prefix}precision")
 
 
 def _check_options(group: dict, where: str) -> None:
@@ -92,7 +94,7 @@ def _check_options(group: dict, where: str) -> None:
     _check_values(group, f"{where}: ")
 
 
-_OPTIONS = ("net", "backend", "state_dtype", "capturable", "lr", "weight_decay", "maximize")
+_OPTIONS = ("net", "backend", "state_dtype", "capturable", "lr", "weight_decay", "maximize", "precision")
 
 
 def _dtensor_type():
@@ -144,6 +146,11 @@ class L2LOptimizer(Optimizer):
             A capture checks that everything a replay reads exists and lives where the graph runs, and
             raises otherwise; ``load_state_dict`` writes into the state tensors a graph reads. Without it,
             capturing ``step()`` raises, as for ``torch.optim`` optimizers.
+        precision: the arithmetic of the step: ``"exact"`` (float32-accurate), ``"fast"`` (TF32
+            tensor-core products and one-instruction activations on the Triton backend; the others
+            compute exactly in both), or None (default): ``torch.get_float32_matmul_precision()`` when
+            the step runs, ``"highest"`` (PyTorch's default) → exact, ``"high"``/``"medium"`` → fast.
+            ``docs/kernels.md`` ("Arithmetic modes") has what each costs and changes.
 
     Group keys of other ``torch.optim`` optimizers (``momentum``, ``betas``, ``eps``, ...) are refused with
     a ``ValueError`` that names them, never ignored.
@@ -159,9 +166,10 @@ class L2LOptimizer(Optimizer):
         backend: str = "auto",
         state_dtype: torch.dtype = torch.float32,
         capturable: bool = False,
+        precision: Optional[str] = None,
     ) -> None:
         defaults = {"net": net, "backend": backend, "state_dtype": state_dtype, "capturable": capturable, "lr": lr,
-                    "weight_decay": weight_decay, "maximize": maximize}
+                    "weight_decay": weight_decay, "maximize": maximize, "precision": precision}
         if net is not None:  # else every group must bring its own, which add_param_group checks
             _check_net(net, "net")
         interface.check_name(backend, net)
@@ -318,6 +326,7 @@ class L2LOptimizer(Optimizer):
             impl.group_step(  # under FSDP2 each rank steps (and keeps state for) its own shards only
                 group["net"], [self._local(p) for p in params], [self._local(p.grad) for p in params],
                 [s["h"] for s in states], [s["c"] for s in states], self._counter(params[0].device), update, table,
+                group["precision"],
             )
         return loss
 

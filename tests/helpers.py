@@ -9,6 +9,8 @@ Tolerances of a fused step (float32 math), from the arithmetic:
 * θ' in a narrow dtype: θ + Δ rounded to it, so the dtype's unit roundoff times |θ'|, plus F32_TOL on Δ.
 * The optimizer's θ' = θ·decay + lr·Δ: Δ's bound times lr; where decay ≠ 1 (weight decay), θ·decay is
   rounded once more, adding the unit roundoff times |θ·decay|. At decay = 1 that product is exact.
+* Fast mode (Triton): the float32 bounds plus :func:`fast_bounds`, a first-order worst case of its TF32
+  products and one-instruction activations, computed per coordinate from the reference's own values.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pytest
 import torch
 
 from l2l_fused import LSTMOptimizerNet, available_backends, l2l_update_ref
+from l2l_fused.ops.reference import lstm_cell_ref, preprocess
 from l2l_fused.ops.update import Update
 
 F32_TOL = 1e-5
@@ -31,6 +34,7 @@ CASES = [  # (preprocess_p, num_layers, hidden_size, output_scale, sizes)
     (3.0, 3, 64, 0.5, [1, 777]),  # the largest net the kernels take
     (10.0, 2, 5, 0.3, [130, 7]),  # hidden padded from 5 to 16 (Triton)
     (10.0, 1, 33, 0.2, [65, 2]),  # hidden padded from 33 to 64 (Triton)
+    (10.0, 3, 20, 0.3, [131, 5]),  # H = 20 (the native CUDA tiled kernel) with a layer past the second
 ]
 
 
@@ -81,6 +85,45 @@ def reference64(net, grads, hs, cs):
                               preprocess_p=net.preprocess_p, output_scale=net.output_scale)
 
 
+# Fast mode's per-product error: an operand truncated to TF32 (≤ 2⁻¹⁰ relative), a weight rounded to it
+# (≤ 2⁻¹¹). tanh.approx.f32's relative error, where fast mode runs it (the GPU; PTX ISA: 2⁻¹⁰·⁹⁸⁷).
+TF32_PRODUCT = 2.0**-10 + 2.0**-11
+TANH_APPROX = 2.0**-10.987
+
+
+def fast_bounds(net, grads, hs, cs):
+    """``(Δ, h', c')`` bounds on |fast − exact| of one step, first order, per coordinate (float64).
+
+    Per layer, with ``a`` its inputs [x | h | 1] and ``δa`` their errors (the layer below's h' bound):
+    |δz_j| ≤ TF32_PRODUCT·Σ_k |w_jk a_k| + Σ_k |w_jk| δa_k. Activations: σ = ½ + ½·tanh(z/2) errs by
+    ≤ ¼|δz| + ½A, tanh by ≤ |δz| + A (A = TANH_APPROX; |σ|, |tanh| ≤ 1). So c' = f·c + i·g errs by
+    ≤ (¼δz_f + ½A)|c| + ¼δz_i + ½A + δz_g + A, and h' = o·tanh(c') by ≤ ¼δz_o + ½A + δc' + A. Δ = s(w·h' + b)
+    by ≤ s·Σ|w| δh' of the top layer. Worst-case signs throughout: loose, but derived."""
+    net64 = copy.deepcopy(net).double().cpu()
+    grad = torch.cat([g.cpu().double().flatten() for g in grads])
+    h = torch.cat([t.cpu().double() for t in hs], 1)
+    c = torch.cat([t.cpu().double() for t in cs], 1)
+    x = preprocess(grad, net.preprocess_p)
+    dx = torch.zeros_like(x)
+    a_half = TANH_APPROX / 2
+    bounds_h, bounds_c = [], []
+    with torch.no_grad():
+        for layer, weights in enumerate(net64.cell_weights()):
+            w = torch.cat([weights[0], weights[1]], 1).abs()  # [4H, n_x + H]
+            inputs = torch.cat([x, h[layer]], 1).abs()
+            da = torch.cat([dx, torch.zeros_like(h[layer])], 1)
+            dz = TF32_PRODUCT * (inputs @ w.t() + (weights[2] + weights[3]).abs()) + da @ w.t()
+            dzi, dzf, dzg, dzo = dz.chunk(4, 1)
+            dc = (dzf / 4 + a_half) * c[layer].abs() + dzi / 4 + a_half + dzg + TANH_APPROX
+            dh = dzo / 4 + a_half + dc + TANH_APPROX
+            bounds_h.append(dh)
+            bounds_c.append(dc)
+            x, _ = lstm_cell_ref(x, h[layer], c[layer], weights)
+            dx = dh
+        delta = net.output_scale * (dx @ net64.head.weight.abs().t()).squeeze(-1)
+    return delta, torch.stack(bounds_h), torch.stack(bounds_c)
+
+
 def assert_within(got, want, bound, what):
     got = got.cpu().double()
     if got.numel() == 0:  # nothing to compare (a tensor whose every coordinate was skipped, say)
@@ -106,10 +149,13 @@ def group_inputs(net, sizes, state_dtype, device):
     return thetas, grads, hs, cs
 
 
-def check_step(net, thetas, grads, hs, cs, theta_outs, h_outs, c_outs, state_dtype, lr=1.0, decay=1.0):
+def check_step(net, thetas, grads, hs, cs, theta_outs, h_outs, c_outs, state_dtype, lr=1.0, decay=1.0,
+               precision="exact"):
     """Outputs of one step of a group against the float64 reference, within the bounds above:
-    θ' = θ·decay + lr·Δ. The bound on Δ scales with lr; a decay other than 1 adds the rounding of θ·decay."""
+    θ' = θ·decay + lr·Δ. The bound on Δ scales with lr; a decay other than 1 adds the rounding of θ·decay;
+    ``precision="fast"`` adds :func:`fast_bounds`."""
     delta, h_ref, c_ref = reference64(net, grads, hs, cs)
+    fast = fast_bounds(net, grads, hs, cs) if precision == "fast" else (0.0, 0.0, 0.0)
     offset = 0
     for theta, theta_out, h_out, c_out in zip(thetas, theta_outs, h_outs, c_outs):
         n = theta.numel()
@@ -118,10 +164,12 @@ def check_step(net, thetas, grads, hs, cs, theta_outs, h_outs, c_outs, state_dty
         want = decayed + step
         u = UNIT_ROUNDOFF[theta.dtype] + UNIT_ROUNDOFF[torch.float32]
         bound = u * want.abs() + F32_TOL * (lr + step.abs()) + (0.0 if decay == 1.0 else u * decayed.abs())
+        bound = bound + lr * (fast[0] if precision == "exact" else fast[0][offset:offset + n])
         assert_within(theta_out, want, bound, f"θ' ({theta.dtype}, n={n}, lr={lr}, decay={decay})")
-        for got, ref, name in ((h_out, h_ref, "h'"), (c_out, c_ref, "c'")):
+        for got, ref, name, extra in ((h_out, h_ref, "h'", fast[1]), (c_out, c_ref, "c'", fast[2])):
             ref = ref[:, offset:offset + n]
-            bound = F32_TOL * (1 + ref.abs()) + UNIT_ROUNDOFF[state_dtype] * ref.abs()
+            extra = extra if precision == "exact" else extra[:, offset:offset + n]
+            bound = F32_TOL * (1 + ref.abs()) + UNIT_ROUNDOFF[state_dtype] * (ref.abs() + extra) + extra
             assert_within(got, ref, bound, f"{name} ({state_dtype}, n={n})")
         offset += n
 

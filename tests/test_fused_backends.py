@@ -31,7 +31,7 @@ def any_backend(request):
 
 
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("p,layers,hidden,scale,sizes", CASES[:3])
+@pytest.mark.parametrize("p,layers,hidden,scale,sizes", CASES[:3] + CASES[-1:])
 def test_group_step_matches_reference(seed, fused, state_dtype, p, layers, hidden, scale, sizes):
     """In place, as the optimizer calls it: an element left unwritten keeps its old value and fails."""
     name, device = fused

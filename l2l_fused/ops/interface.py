@@ -3,10 +3,11 @@
 A backend (``"reference"``, ``"native"``, ``"triton"``) has three entry points (:class:`Ops`), the same
 signatures everywhere; :mod:`l2l_fused.ops.reference` is their specification:
 
-* ``forward(theta, grad, h, c, weights, shape) -> (theta', h', c')``: one step of a flat θ, out of place;
-* ``backward(grad, h, c, dtheta, dh_next, dc_next, weights, shape) -> (dh, dc, dweights)``: its adjoints
-  from what the forward read, the weight gradient in ``weights``' layout;
-* ``group_step(params, grads, hs, cs, skipped, weights, shape, update, table)``: the optimizer's update of
+* ``forward(theta, grad, h, c, weights, shape, precision) -> (theta', h', c')``: one step of a flat θ, out
+  of place;
+* ``backward(grad, h, c, dtheta, dh_next, dc_next, weights, shape, precision) -> (dh, dc, dweights)``: its
+  adjoints from what the forward read, the weight gradient in ``weights``' layout;
+* ``group_step(params, grads, hs, cs, skipped, weights, shape, update, table, precision)``: the optimizer's update of
   every tensor of a param group together, in place, without autograd. ``hs[i]``/``cs[i]`` are
   ``[L, params[i].numel(), H]``; ``update`` carries the group's lr, weight decay and maximize
   (:class:`Update`). A coordinate whose gradient is NaN or ±inf keeps its parameter and state and is added
@@ -15,7 +16,9 @@ signatures everywhere; :mod:`l2l_fused.ops.reference` is their specification:
   group's :class:`~l2l_fused.ops.launch_table.LaunchTable` on that device (None: a temporary one).
 
 ``weights`` is φ in the one layout of :mod:`l2l_fused.ops.layout`, ``shape`` its
-:class:`~l2l_fused.ops.layout.NetShape`. :class:`Backend` adds the net: it packs φ (the net caches the
+:class:`~l2l_fused.ops.layout.NetShape`, ``precision`` ``"exact"`` or ``"fast"``
+(:mod:`l2l_fused.ops.precision`), or None: a backend with a fast path resolves it where it launches,
+inside what torch.compile sees as one opaque op, so a compiled step reads the setting at every run. :class:`Backend` adds the net: it packs φ (the net caches the
 packed copy, :meth:`~l2l_fused.net.LSTMOptimizerNet.kernel_weights`), and for a fused backend wraps
 ``forward``/``backward`` in :class:`FusedStep` when autograd needs them.
 
@@ -52,21 +55,21 @@ class FusedStep(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, ops, theta, grad, h, c, weights, shape, saved_state_dtype):
-        outputs = ops.forward(theta, grad, h, c, weights, shape)
+    def forward(ctx, ops, theta, grad, h, c, weights, shape, saved_state_dtype, precision):
+        outputs = ops.forward(theta, grad, h, c, weights, shape, precision)
         if saved_state_dtype is not None and saved_state_dtype != h.dtype:
             h, c = h.to(saved_state_dtype), c.to(saved_state_dtype)
         ctx.save_for_backward(grad, h, c, weights)
-        ctx.ops, ctx.shape = ops, shape
+        ctx.ops, ctx.shape, ctx.precision = ops, shape, precision
         return outputs
 
     @staticmethod
     def backward(ctx, dtheta, dh_next, dc_next):
         grad, h, c, weights = ctx.saved_tensors
         dh, dc, dweights = ctx.ops.backward(grad, h, c, dtheta.contiguous(), dh_next.contiguous(),
-                                            dc_next.contiguous(), weights, ctx.shape)
+                                            dc_next.contiguous(), weights, ctx.shape, ctx.precision)
         dtheta = dtheta if ctx.needs_input_grad[1] else None
-        return None, dtheta, None, dh, dc, dweights, None, None
+        return None, dtheta, None, dh, dc, dweights, None, None, None
 
 
 class Ops(NamedTuple):
@@ -107,7 +110,8 @@ class Backend:
         return ops
 
     def step(self, net, theta: Tensor, grad: Tensor, h: Tensor, c: Tensor,
-             saved_state_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor]:
+             saved_state_dtype: Optional[torch.dtype] = None,
+             precision: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor]:
         """One step of a flat θ, out of place; differentiable with respect to θ, h, c and φ when autograd
         needs it (a fused backend then saves only ∇ and the incoming state, in ``saved_state_dtype`` if given)."""
         ops, shape = self.load(), NetShape.of(net)
@@ -115,16 +119,17 @@ class Backend:
         if not self.fused:
             if saved_state_dtype is not None:
                 raise ValueError(f"saved_state_dtype needs a fused backend: autograd through {self.name} keeps every gate")
-            return ops.forward(theta, grad, h, c, pack(net), shape)
+            return ops.forward(theta, grad, h, c, pack(net), shape, precision)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (theta, h, c, *net.parameters())):
-            return FusedStep.apply(ops, theta, grad, h, c, pack(net), shape, saved_state_dtype)
+            return FusedStep.apply(ops, theta, grad, h, c, pack(net), shape, saved_state_dtype, precision)
         with torch.no_grad():
-            return ops.forward(theta, grad, h, c, net.kernel_weights(theta.device), shape)
+            return ops.forward(theta, grad, h, c, net.kernel_weights(theta.device), shape, precision)
 
-    def group_step(self, net, params, grads, hs, cs, skipped: Tensor, update: Update = Update(), table=None) -> None:
+    def group_step(self, net, params, grads, hs, cs, skipped: Tensor, update: Update = Update(), table=None,
+                   precision: Optional[str] = None) -> None:
         """The optimizer's in-place step of a param group on one device (see the module's docstring)."""
         weights = net.kernel_weights(params[0].device)
-        self.load().group_step(params, grads, hs, cs, skipped, weights, NetShape.of(net), update, table)
+        self.load().group_step(params, grads, hs, cs, skipped, weights, NetShape.of(net), update, table, precision)
 
 
 _REGISTRY: dict[str, Backend] = {}

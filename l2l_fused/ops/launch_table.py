@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import weakref
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -59,6 +59,7 @@ class LaunchTable:
     def __init__(self) -> None:
         self.key = None
         self.current: Optional[_Entry] = None
+        self._derived: dict[object, tuple[Tensor, int, Tensor]] = {}  # what: (source, its version, derived)
         self.captured: dict[tuple, _Entry] = {}
         # torch.compile sees the optimizer's step as an opaque custom op whose arguments are tensors and
         # numbers: it passes this handle, and the op finds the table with :meth:`find`.
@@ -69,6 +70,17 @@ class LaunchTable:
     def find(cls, handle: int) -> "LaunchTable":
         """The table of ``handle``, or a temporary one for a handle of no live table (-1, say)."""
         return cls._live.get(handle) or cls()
+
+    def derived(self, source: Tensor, what: object, make: Callable[[], Tensor]) -> Tensor:
+        """``make()``, a tensor the launch reads that follows from ``source`` alone (φ in the layout a kernel
+        wants), kept until ``source`` is another tensor or changed in place. Under capture it is made
+        afresh, in the graph: a replay then reads ``source`` as it is then, as the net's packed φ does."""
+        if capture.capturing():
+            return make()
+        kept = self._derived.get(what)
+        if kept is None or kept[0] is not source or kept[1] != source._version:
+            kept = self._derived[what] = (source, source._version, make())
+        return kept[2]
 
     def get(self, rows: list[tuple[Tensor, ...]], block_n: int, device: torch.device) -> tuple[Tensor, Tensor, int]:
         """``(table, block→tensor map, number of blocks)`` for a launch over ``rows``, each

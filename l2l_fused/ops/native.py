@@ -47,17 +47,21 @@ def _net(shape: NetShape) -> tuple:
     return shape.layers, shape.hidden, shape.features, shape.preprocess_p, shape.output_scale
 
 
-def forward(theta: Tensor, grad: Tensor, h: Tensor, c: Tensor, weights: Tensor, shape: NetShape):
+# The native kernels compute in float32 in both precisions (:mod:`l2l_fused.ops.precision`): they take
+# ``precision`` for the common signature and need nothing of it.
+
+def forward(theta: Tensor, grad: Tensor, h: Tensor, c: Tensor, weights: Tensor, shape: NetShape,
+            precision: Optional[str] = None):
     return torch.ops.l2l_fused.native_forward(theta, grad, h, c, weights, *_net(shape))
 
 
 def backward(grad: Tensor, h: Tensor, c: Tensor, dtheta: Tensor, dh_next: Tensor, dc_next: Tensor, weights: Tensor,
-             shape: NetShape):
+             shape: NetShape, precision: Optional[str] = None):
     return torch.ops.l2l_fused.native_backward(grad, h, c, dtheta, dh_next, dc_next, weights, *_net(shape))
 
 
 def group_step(params, grads, hs, cs, skipped: Tensor, weights: Tensor, shape: NetShape, update: Update = Update(),
-               table=None) -> None:
+               table=None, precision: Optional[str] = None) -> None:
     """``table`` is not used: the CUDA kernel takes its launch table as a kernel parameter (csrc/l2l_cuda.cpp)."""
     torch.ops.l2l_fused.native_group_step(params, grads, hs, cs, weights, skipped, *_net(shape), *update.lr_arguments(),
                                           update.weight_decay, update.maximize)

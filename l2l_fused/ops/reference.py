@@ -125,7 +125,11 @@ def l2l_step_ref(
 
 # ------------------------------------------------------------- the entry points of every backend, specified
 
-def forward(theta: Tensor, grad: Tensor, h: Tensor, c: Tensor, weights: Tensor, shape: NetShape):
+# ``precision`` (:mod:`l2l_fused.ops.precision`) is in the signatures for the fused backends: the
+# specification has one arithmetic, its inputs' dtype's, in both.
+
+def forward(theta: Tensor, grad: Tensor, h: Tensor, c: Tensor, weights: Tensor, shape: NetShape,
+            precision: Optional[str] = None):
     """:func:`l2l_step_ref` of packed φ; differentiable by autograd (the ``"reference"`` backend's step)."""
     cells, head_weight, head_bias = unpack(weights, shape)
     return l2l_step_ref(theta, grad, h, c, cells, head_weight, head_bias, preprocess_p=shape.preprocess_p,
@@ -133,7 +137,7 @@ def forward(theta: Tensor, grad: Tensor, h: Tensor, c: Tensor, weights: Tensor, 
 
 
 def backward(grad: Tensor, h: Tensor, c: Tensor, dtheta: Tensor, dh_next: Tensor, dc_next: Tensor, weights: Tensor,
-             shape: NetShape):
+             shape: NetShape, precision: Optional[str] = None):
     """``(dh, dc, dweights)`` of :func:`forward`, by autograd: what the fused backward kernels compute."""
     with torch.enable_grad():
         weights = weights.detach().requires_grad_()
@@ -161,7 +165,7 @@ def _factors(update: Update, device: torch.device) -> tuple[torch.Tensor, torch.
 
 
 def group_step(params, grads, hs, cs, skipped: Tensor, weights: Tensor, shape: NetShape, update: Update = Update(),
-               table=None) -> None:
+               table=None, precision: Optional[str] = None) -> None:
     """Concatenate the group into one flat float32 problem, step it once, write the pieces back (``table``,
     the fused launchers' business, is not used).
 

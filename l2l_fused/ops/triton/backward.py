@@ -18,6 +18,7 @@ changes from run to run.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import triton
@@ -26,13 +27,18 @@ from torch import Tensor
 
 from ..constants import BACKWARD_PROGRAMS
 from ..layout import NetShape
-from .forward import BLOCK_N, DOT_PRECISION, NUM_WARPS, check_weights, padded
+from .forward import check_weights, padded
 from .math import _features, _gates, _layer_step, _layer_weights, _tanh
 
+BLOCK_N = 64  # coordinates per block
+NUM_WARPS = 4
 # No software pipelining of the loop over blocks: it would keep num_stages copies of every tile the loop
 # loads in shared memory (527 KB at H = 20, over the 227 KB a block may have), for loads whose latency
 # the recomputation already covers.
 NUM_STAGES = 1
+# tf32x3 splits each float32 operand into two tf32 halves and keeps three of the four products: the
+# products run on tensor cores with an error near float32's.
+DOT_PRECISION = "tf32x3"
 
 
 @triton.jit
@@ -158,8 +164,9 @@ def _l2l_bwd_kernel(
 # -------------------------------------------------------------------------------------------- launcher
 
 def backward(grad: Tensor, h: Tensor, c: Tensor, dtheta: Tensor, dh_next: Tensor, dc_next: Tensor, weights: Tensor,
-             shape: NetShape, block_n: int = BLOCK_N) -> tuple[Tensor, Tensor, Tensor]:
-    """Adjoints of one step: ``(dh, dc, dweights)`` from the saved ∇, h, c and the incoming adjoints.
+             shape: NetShape, precision: Optional[str] = None, block_n: int = BLOCK_N) -> tuple[Tensor, Tensor, Tensor]:
+    """Adjoints of one step: ``(dh, dc, dweights)`` from the saved ∇, h, c and the incoming adjoints, in
+    exact arithmetic whatever ``precision``: this kernel has no fast path yet.
 
     ``grad`` and ``dtheta`` are flat [N]; ``h``, ``c`` (float32 or bfloat16), ``dh_next``, ``dc_next``
     are [L, N, H]; ``dweights`` is packed like ``weights``.

@@ -16,6 +16,7 @@ a step whose tensors did not move is exactly one kernel launch.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -27,17 +28,23 @@ from torch import Tensor
 from ..constants import COLUMN
 from ..launch_table import LaunchTable, supported_dtypes
 from ..layout import NetShape
+from ..precision import PRECISIONS, resolve
 from ..update import Update
-from .math import _features, _layer_step, _layer_weights, _load_f32, _store_theta_plus, _to_state
+from .math import (_dot_tf32, _features, _load_f32, _logistic2, _split_gates, _store_theta_plus, _tanh, _tanh_fast,
+                   _to_state)
 
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 
-BLOCK_N = 64  # coordinates per program
-NUM_WARPS = 4
-# tf32x3 splits each float32 operand into two tf32 halves and keeps three of the four products: the gate
-# products run on tensor cores with an error near float32's (plain "tf32" rounds operands to 10 bits,
-# ~5e-4 relative, too coarse for a state that is fed back every step).
-DOT_PRECISION = "tf32x3"
+BLOCK_N = 128  # coordinates per pass of a program's loop: a wgmma tile of M = 64 per warpgroup
+NUM_WARPS = 8
+# Software pipelining (cp.async prefetch of the next blocks' loads) per precision. The exact mode's
+# three-pass tiles, twice the fast mode's, would not fit in shared memory twice over: it loads as it goes.
+NUM_STAGES = {"fast": 3, "exact": 1}
+# Programs per SM of the persistent grid: enough resident warps to cover the loads' latency.
+PROGRAMS_PER_SM = 4
+# The interpreter runs programs one after another: two of them walk every block, so each test crosses
+# the loop over blocks.
+INTERPRETER_PROGRAMS = 2
 
 # The launch table's columns, as the kernel reads them (a jitted function sees only constexpr globals).
 COLUMNS = tl.constexpr(len(COLUMN))
@@ -47,66 +54,169 @@ NUMEL, DTYPE, FIRST_BLOCK = (tl.constexpr(COLUMN[name]) for name in ("numel", "d
 
 
 @triton.jit
+def _state_at(n, mask, K: tl.constexpr, H: tl.constexpr, G: tl.constexpr):
+    """Offsets ``[BLOCK_N, K/G, G]`` of units G·j + e of coordinates n in a block's ``[BLOCK_N, H]`` state, and
+    the mask (n's, and units < H), constant over e: groups of G units load and store as one vector."""
+    j = tl.arange(0, K // G)
+    offs = n[:, None, None] * H + (j * G)[None, :, None] + tl.arange(0, G)[None, None, :]
+    return offs, mask[:, None, None] & (j < H // G)[None, :, None]
+
+
+@triton.jit
+def _load_state(ptr, n, mask, K: tl.constexpr, H: tl.constexpr, G: tl.constexpr):
+    """The state of a block as float32 ``[BLOCK_N, K]``, zero in units ≥ H."""
+    offs, m = _state_at(n, mask, K, H, G)
+    return tl.reshape(tl.load(ptr + offs, mask=m, other=0.0), [n.shape[0], K]).to(tl.float32)
+
+
+@triton.jit
+def _store_state(ptr, n, mask, x, K: tl.constexpr, H: tl.constexpr, G: tl.constexpr):
+    offs, m = _state_at(n, mask, K, H, G)
+    tl.store(ptr + offs, tl.reshape(_to_state(x, ptr.dtype.element_ty), [n.shape[0], K // G, G]), mask=m)
+
+
+@triton.jit
+def _preact(a, t_ptr, K: tl.constexpr, HP: tl.constexpr, first: tl.constexpr, N: tl.constexpr, EXACT: tl.constexpr,
+            INF: tl.constexpr, acc):
+    """acc + a · columns [first, first + N) of the operand tile ``[K, 4·HP]`` at ``t_ptr``
+    (:func:`tensor_core_weights`: hi, then lo in exact mode). The tile is read from L1/L2 at every block
+    (Triton stages it into shared memory for the tensor cores): held in registers across the loop, it
+    would leave too few for the block."""
+    at = t_ptr + tl.arange(0, K)[:, None] * (4 * HP) + first + tl.arange(0, N)[None, :]
+    hi = tl.load(at)
+    if EXACT:
+        lo = tl.load(at + K * 4 * HP)
+    else:
+        lo = hi
+    return _dot_tf32(a, hi, lo, acc, EXACT, INF)
+
+
+@triton.jit
+def _layer(a, t_a, K_A: tl.constexpr, b, t_b, K_B: tl.constexpr, TWO: tl.constexpr, c, BLOCK_N: tl.constexpr,
+           HP: tl.constexpr, PER_GATE: tl.constexpr, EXACT: tl.constexpr, INF: tl.constexpr):
+    """(c', h') of one layer from its operands: ``a`` against the tile at ``t_a``, and (if TWO) ``b`` against
+    ``t_b``. One dot per operand over all four gates (N = 4·HP), split in registers; or, where such tiles
+    would not fit in shared memory (PER_GATE), one per gate. INF: ``a`` may hold ±inf. Padded units have z = 0: i = f = o = ½,
+    g = 0, and c = 0, so c' = h' = 0 there."""
+    if PER_GATE:
+        zero = tl.zeros([BLOCK_N, HP], dtype=tl.float32)
+        zi = _preact(a, t_a, K_A, HP, 0, HP, EXACT, INF, zero)
+        zf = _preact(a, t_a, K_A, HP, HP, HP, EXACT, INF, zero)
+        zg = _preact(a, t_a, K_A, HP, 2 * HP, HP, EXACT, INF, zero)
+        zo = _preact(a, t_a, K_A, HP, 3 * HP, HP, EXACT, INF, zero)
+        if TWO:
+            zi = _preact(b, t_b, K_B, HP, 0, HP, EXACT, False, zi)
+            zf = _preact(b, t_b, K_B, HP, HP, HP, EXACT, False, zf)
+            zg = _preact(b, t_b, K_B, HP, 2 * HP, HP, EXACT, False, zg)
+            zo = _preact(b, t_b, K_B, HP, 3 * HP, HP, EXACT, False, zo)
+    else:
+        z = _preact(a, t_a, K_A, HP, 0, 4 * HP, EXACT, INF, tl.zeros([BLOCK_N, 4 * HP], dtype=tl.float32))
+        if TWO:
+            z = _preact(b, t_b, K_B, HP, 0, 4 * HP, EXACT, False, z)
+        zi, zf, zg, zo = _split_gates(z, BLOCK_N, HP)
+    # The tiles' columns carry each gate's pre-scale (GATE_SCALES), so z arrives as the activation wants it.
+    if EXACT:  # σ(z) = 1 / (1 + 2^(−z·log₂e)), tanh(z) = 2 / (1 + 2^(−2z·log₂e)) − 1
+        c = _logistic2(zf) * c + _logistic2(zi) * (2.0 * _logistic2(zg) - 1.0)
+        h = _logistic2(zo) * _tanh(c)
+    else:  # σ(z) = ½ + ½·tanh(z/2)
+        c = (0.5 + 0.5 * _tanh_fast(zf)) * c + (0.5 + 0.5 * _tanh_fast(zi)) * _tanh_fast(zg)
+        h = (0.5 + 0.5 * _tanh_fast(zo)) * _tanh_fast(c)
+    return c, h
+
+
+@triton.jit
 def _l2l_fwd_kernel(
-    table_ptr, block_tensor_ptr, w_ptr, skipped_ptr, lr_ptr,
+    table_ptr, block_tensor_ptr, t_ptr, skipped_ptr, lr_ptr, num_blocks,
     output_scale, inv_p, threshold, exp_p, lr, weight_decay,
-    L: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, IN: tl.constexpr, PREPROCESS: tl.constexpr,
-    STATE_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, GROUP_STEP: tl.constexpr,
-    LR_TENSOR: tl.constexpr, MAXIMIZE: tl.constexpr,
+    L: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, G: tl.constexpr,
+    IN: tl.constexpr,
+    PREPROCESS: tl.constexpr, STATE_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, EXACT: tl.constexpr,
+    PER_GATE: tl.constexpr, GROUP_STEP: tl.constexpr, LR_TENSOR: tl.constexpr, MAXIMIZE: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    row = table_ptr + tl.load(block_tensor_ptr + pid).to(tl.int64) * COLUMNS
-    numel = tl.load(row + NUMEL)
-    code = tl.load(row + DTYPE)
-    offs = (pid - tl.load(row + FIRST_BLOCK)) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: N*H can pass 2**31
-    mask = offs < numel
-
-    grad = _load_f32(tl.load(row + GRAD), offs, mask, code)
-    write = mask  # θ written
-    keep = mask  # state written, and the learned update applied
-    if GROUP_STEP:
-        # A NaN or ±inf gradient's coordinate is not written at all (the step is in place), so θ and
-        # the state stay as they were: a NaN would poison the state for good. Not keeping the old
-        # values in registers matters: the kernel is at its register limit. One atomic per program
-        # counts them, so nothing waits for the host. A zero gradient's coordinate keeps its state and
-        # gets no learned update (only weight decay): no gradient signal, no drift.
-        bad = mask & ((grad != grad) | (tl.abs(grad) == float("inf")))
-        write = mask & ~bad
-        keep = write & (grad != 0.0)
-        grad = tl.where(bad, 0.0, grad)  # its outputs are dropped; no NaN arithmetic on the way
-        tl.atomic_add(skipped_ptr, tl.sum(bad.to(tl.int64), axis=0))
-        if MAXIMIZE:
-            grad = -grad
-    x0, x1 = _features(grad, inv_p, threshold, exp_p, PREPROCESS)
-
-    k = tl.arange(0, HP)
-    state_offs = offs[:, None] * H + k[None, :]
-    state_mask = mask[:, None] & (k[None, :] < H)
-    store_mask = keep[:, None] & (k[None, :] < H)
-    layer_stride = numel * H
-    h_in = tl.load(row + H_IN).to(tl.pointer_type(STATE_DTYPE))
-    h_out = tl.load(row + H_OUT).to(tl.pointer_type(STATE_DTYPE))
-    c_in = tl.load(row + C_IN).to(tl.pointer_type(STATE_DTYPE))
-    c_out = tl.load(row + C_OUT).to(tl.pointer_type(STATE_DTYPE))
-
-    x = tl.zeros([BLOCK_N, HP], dtype=tl.float32)
-    for layer in tl.static_range(L):
-        at = layer * layer_stride + state_offs
-        c, x = _layer_step(x, x0, x1, h_in, c_in, at, state_mask, w_ptr, layer, IN, H, HP, DOT_PRECISION)
-        tl.store(h_out + at, _to_state(x, STATE_DTYPE), mask=store_mask)
-        tl.store(c_out + at, _to_state(c, STATE_DTYPE), mask=store_mask)
-
-    head = _layer_weights(w_ptr, L, IN, H)  # w_out [H], b_out
-    w_out = tl.load(head + k, mask=k < H, other=0.0)
-    delta = output_scale * (tl.sum(x * w_out[None, :], axis=1) + tl.load(head + H))
+    # Where each operand's tile starts in t_ptr (tensor_core_weights): layer 0's [h | x | 1], then per upper
+    # layer x (the layer below's h') and [h | 1]; hi then lo in exact mode; the head last.
+    PARTS: tl.constexpr = 2 if EXACT else 1
+    UPPER: tl.constexpr = K0 * 4 * HP * PARTS
+    PER_LAYER: tl.constexpr = (HP + K1) * 4 * HP * PARTS
+    kx = tl.arange(0, HP)
+    k0 = tl.arange(0, K0)
+    k1 = tl.arange(0, K1)
+    n = tl.arange(0, BLOCK_N)
+    head = t_ptr + UPPER + (L - 1) * PER_LAYER  # w_out [HP], b_out
+    w_out = tl.load(head + kx)
+    b_out = tl.load(head + HP)
     decay = 1.0
     if GROUP_STEP:
         if LR_TENSOR:  # read when the kernel runs: a scheduler's in-place change needs no new launch setup
             lr = tl.load(lr_ptr)
         # in float64, where lr·wd is exact: the same bits fused or not, as every backend computes it
         decay = (1.0 - tl.cast(lr, tl.float64) * tl.cast(weight_decay, tl.float64)).to(tl.float32)
-        delta = tl.where(keep, lr * delta, -0.0)  # θ·decay + (-0.0) is θ·decay exactly
-    _store_theta_plus(tl.load(row + THETA_IN), tl.load(row + THETA_OUT), offs, write, code, decay, delta)
+    skipped = tl.zeros([BLOCK_N], dtype=tl.int32)
+
+    # Persistent: each program walks blocks pid, pid + programs, ... (any of the group's tensors).
+    for block in range(tl.program_id(0), num_blocks, tl.num_programs(0)):
+        row = table_ptr + tl.load(block_tensor_ptr + block).to(tl.int64) * COLUMNS
+        start = (block - tl.load(row + FIRST_BLOCK)) * BLOCK_N  # int64: N·H can pass 2**31
+        mask = n < tl.load(row + NUMEL) - start
+        code = tl.load(row + DTYPE)
+        layer_stride = tl.load(row + NUMEL) * H
+        theta_in = tl.load(row + THETA_IN)
+        theta_out = tl.load(row + THETA_OUT)
+        grad_at = tl.load(row + GRAD)
+        # the state's block base in int64, offsets within it in int32: half the address arithmetic
+        h_in = tl.load(row + H_IN).to(tl.pointer_type(STATE_DTYPE))
+        h_out = tl.load(row + H_OUT).to(tl.pointer_type(STATE_DTYPE))
+        c_in = tl.load(row + C_IN).to(tl.pointer_type(STATE_DTYPE))
+        c_out = tl.load(row + C_OUT).to(tl.pointer_type(STATE_DTYPE))
+        if ALIGNED:  # the launcher checked: every address 16-byte aligned, so groups of G units vectorise
+            h_in, h_out = tl.multiple_of(h_in, 16), tl.multiple_of(h_out, 16)
+            c_in, c_out = tl.multiple_of(c_in, 16), tl.multiple_of(c_out, 16)
+        h_in, h_out, c_in, c_out = h_in + start * H, h_out + start * H, c_in + start * H, c_out + start * H
+
+        grad = _load_f32(grad_at, start + n, mask, code)
+        write = mask  # θ written
+        keep = mask  # state written, and the learned update applied
+        if GROUP_STEP:
+            # A NaN or ±inf gradient's coordinate is not written at all (the step is in place), so θ and
+            # the state stay as they were: a NaN would poison the state for good. They are counted, one
+            # atomic per program at the end, so nothing waits for the host. A zero gradient's coordinate
+            # keeps its state and gets no learned update (only weight decay): no gradient signal, no drift.
+            bad = mask & ((grad != grad) | (tl.abs(grad) == float("inf")))
+            write = mask & ~bad
+            keep = write & (grad != 0.0)
+            grad = tl.where(bad, 0.0, grad)  # its outputs are dropped; no NaN arithmetic on the way
+            skipped += bad.to(tl.int32)
+            if MAXIMIZE:
+                grad = -grad
+        x0, x1 = _features(grad, inv_p, threshold, exp_p, PREPROCESS)
+
+        # layer 0: [h | x0 (x1) | 1] · W0
+        h = _load_state(h_in, n, mask, K0, H, G)
+        a = tl.where(k0[None, :] == H, x0[:, None], h)
+        if IN == 2:
+            a = tl.where(k0[None, :] == H + 1, x1[:, None], a)
+        a = tl.where(k0[None, :] == H + IN, 1.0, a)
+        c = _load_state(c_in, n, mask, HP, H, G)
+        c, x = _layer(a, t_ptr, K0, a, t_ptr, K0, False, c, BLOCK_N, HP, PER_GATE, EXACT, not GROUP_STEP)
+        _store_state(h_out, n, keep, x, HP, H, G)
+        _store_state(c_out, n, keep, c, HP, H, G)
+        for layer in tl.static_range(1, L):
+            at = layer * layer_stride
+            tiles = t_ptr + UPPER + (layer - 1) * PER_LAYER
+            h = _load_state(h_in + at, n, mask, K1, H, G)
+            c = _load_state(c_in + at, n, mask, HP, H, G)
+            c, x = _layer(x, tiles, HP, tl.where(k1[None, :] == H, 1.0, h), tiles + HP * 4 * HP * PARTS, K1, True, c,
+                          BLOCK_N, HP, PER_GATE, EXACT, False)
+            _store_state(h_out + at, n, keep, x, HP, H, G)
+            _store_state(c_out + at, n, keep, c, HP, H, G)
+
+        delta = output_scale * (tl.sum(x * w_out[None, :], axis=1) + b_out)
+        if GROUP_STEP:
+            delta = tl.where(keep, lr * delta, -0.0)  # θ·decay + (-0.0) is θ·decay exactly
+        _store_theta_plus(theta_in, theta_out, start + n, write, code, decay, delta)
+    if GROUP_STEP:
+        tl.atomic_add(skipped_ptr, tl.sum(skipped, axis=0).to(tl.int64))
 
 
 # -------------------------------------------------------------------------------------------- launcher
@@ -127,19 +237,98 @@ def padded(hidden: int) -> int:
     return max(16, triton.next_power_of_2(hidden))
 
 
+# Each gate's columns (i, f, g, o) are multiplied by what its activation first multiplies by: the kernel's
+# pre-activations arrive scaled, and no program spends a multiply per gate element on it. Exact:
+# σ(z) = 1/(1 + 2^(−z·log₂e)) and tanh(z) = 2/(1 + 2^(−2z·log₂e)) − 1; fast: σ(z) = ½ + ½·tanh(z/2). The
+# scaled weight is rounded to float32 once (≤ 2⁻²⁴ relative, against the products' 2⁻²⁰ or 2⁻¹⁰).
+GATE_SCALES = {
+    "exact": (-math.log2(math.e), -math.log2(math.e), -2 * math.log2(math.e), -math.log2(math.e)),
+    "fast": (0.5, 0.5, 1.0, 0.5),
+}
+
+
+def round_tf32(t: Tensor) -> Tensor:
+    """``t`` (float32) rounded to TF32 to nearest even, as the kernels' ``_round_tf32``."""
+    bits = t.view(torch.int32)  # int32 arithmetic wraps as the kernel's uint32 does: the same bits
+    rounded = ((bits + 0xFFF + ((bits >> 13) & 1)) & -0x2000).view(torch.float32)
+    return torch.where(t != t, t, rounded)
+
+
+def tensor_core_weights(weights: Tensor, shape: NetShape, precision: str) -> Tensor:
+    """φ as the forward kernel's dots take it: per operand a ``[K, 4·HP]`` tile, column gate·HP + unit (zero
+    for units ≥ H), rows zero-padded to K: layer 0's operand ``[h | x | 1]`` (K0 rows), then per upper layer
+    ``x`` (HP rows) and ``[h | 1]`` (K1 rows); each gate's columns times its pre-scale (:data:`GATE_SCALES`),
+    then TF32-split: hi (and, in exact mode, lo) part;
+    then the head, ``w_out`` padded to HP and ``b_out``. Made from packed φ (:mod:`l2l_fused.ops.layout`)
+    once per φ and precision (the launch table keeps it), so the kernel's tile loads are unmasked, aligned
+    and contiguous, and no program rounds a weight."""
+    H, HP, IN = shape.hidden, padded(shape.hidden), shape.features
+    constants = kernel_constants(shape, torch.float32, precision)
+
+    scales = weights.new_tensor(GATE_SCALES[precision]).view(1, 4, 1)
+
+    def tile(layer: int, rows: list[int], K: int) -> Tensor:
+        start = shape.layer_offset(layer)
+        matrix = weights[start:start + shape.rows(layer) * 4 * H].view(shape.rows(layer), 4, H)
+        out = weights.new_zeros(K, 4, HP)
+        out[:len(rows), :, :H] = matrix[rows] * scales
+        return out.reshape(K, 4 * HP)
+
+    tiles = [tile(0, [IN + k for k in range(H)] + list(range(IN)) + [IN + H], constants["K0"])]
+    for layer in range(1, shape.layers):
+        tiles += [tile(layer, list(range(H)), HP), tile(layer, [H + k for k in range(H)] + [2 * H], constants["K1"])]
+    parts = []
+    for t in tiles:
+        hi = round_tf32(t)
+        parts += [hi, round_tf32(t - hi)] if precision == "exact" else [hi]
+    head = weights[shape.layer_offset(shape.layers):]
+    parts += [torch.nn.functional.pad(head[:H], (0, HP - H)), head[H:]]
+    return torch.cat([p.reshape(-1) for p in parts])
+
+
+def launch_config(shape: NetShape, precision: str) -> tuple[int, int, int]:
+    """(BLOCK_N, warps, pipeline stages) of the default launch. Nets of H > 32 take dots gate by gate, in
+    blocks of 64 by one warpgroup, unpipelined: their tiles leave no room for prefetched copies."""
+    if per_gate_dots(shape):
+        return 64, 4, 1
+    return BLOCK_N, NUM_WARPS, NUM_STAGES[precision]
+
+
+def per_gate_dots(shape: NetShape) -> bool:
+    """Whether the forward's dots go gate by gate: when the largest all-gates tile (K0 × 4·HP float32, hi
+    and lo) would not leave room in shared memory (227 KB a block) for the others and the loads in flight."""
+    return padded(shape.hidden) > 32
+
+
+def vector_units(hidden: int, state_dtype: torch.dtype) -> int:
+    """Units of a coordinate's state that load as one vector: the largest power of two that divides H, up
+    to 16 bytes (the launcher checks the tensors' 16-byte alignment and falls back to ALIGNED=False)."""
+    units = 16 * 8 // torch.finfo(state_dtype).bits
+    while hidden % units:
+        units //= 2
+    return units
+
+
+def operand_width(columns: int) -> int:
+    """K of a dot operand holding ``columns`` values: a power of two, at least 16 (a dot's smallest side)."""
+    return max(16, triton.next_power_of_2(columns))
+
+
 def launch_forward(
     rows: list[tuple[Tensor, ...]],
     weights: Tensor,
     shape: NetShape,
     table: Optional[LaunchTable] = None,
-    block_n: Optional[int] = None,
-    dot_precision: str = DOT_PRECISION,
-    num_warps: int = NUM_WARPS,
+    precision: str = "exact",
     skipped: Optional[Tensor] = None,
     update: Update = Update(),
+    block_n: Optional[int] = None,
+    num_warps: Optional[int] = None,
+    num_stages: Optional[int] = None,
+    programs: Optional[int] = None,
 ) -> None:
     """One launch over every row ``(θ_in, θ_out, ∇, h_in, h_out, c_in, c_out)``, through ``table`` (a
-    temporary one if None).
+    temporary one if None), in ``precision`` (``"exact"`` or ``"fast"``: :mod:`l2l_fused.ops.precision`).
 
     With ``skipped`` (an int64 on the device; every row then in place, outputs the inputs) this is the
     optimizer's step: a coordinate whose ∇ is NaN or ±inf is not written, so it keeps θ and its state, and
@@ -150,12 +339,15 @@ def launch_forward(
     θ and ∇ are contiguous, of one dtype per row (float32, bfloat16, float16 or float64); the state is
     contiguous ``[L, numel, H]``, float32 or bfloat16, one dtype for all rows. Outputs may alias inputs
     (the optimizer updates in place): every element is read by the program that writes it, before it
-    writes it.
+    writes it. ``block_n``, ``num_warps``, ``num_stages`` override :func:`launch_config`; ``programs``
+    (default: :data:`PROGRAMS_PER_SM` per SM) sizes the persistent grid.
     """
     if not rows:
         return
     device = rows[0][0].device
     check_weights(weights, shape, device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     state_dtype = rows[0][3].dtype
     for row in rows:
         theta_in, theta_out, grad, h_in, h_out, c_in, c_out = row
@@ -183,45 +375,65 @@ def launch_forward(
         raise ValueError("lr, weight decay and maximize are options of the optimizer's step (pass skipped)")
     if state_dtype not in STATE_DTYPES:
         raise ValueError(f"state dtype must be one of {list(STATE_DTYPES)}, got {state_dtype}")
-    block_n = block_n or forward_block(padded(shape.hidden))
-    table, block_tensor, num_blocks = (table or LaunchTable()).get(rows, block_n, device)
+    default_block, default_warps, default_stages = launch_config(shape, precision)
+    block_n, num_warps, num_stages = block_n or default_block, num_warps or default_warps, num_stages or default_stages
+    table = table or LaunchTable()
+    tiles = table.derived(weights, precision, lambda: tensor_core_weights(weights, shape, precision))
+    table, block_tensor, num_blocks = table.get(rows, block_n, device)
+    programs = min(num_blocks, programs or default_programs(device))
     p = 1.0 if shape.preprocess_p is None else float(shape.preprocess_p)
-    _l2l_fwd_kernel[(num_blocks,)](
-        table, block_tensor, weights,
+    _l2l_fwd_kernel[(programs,)](
+        table, block_tensor, tiles,
         table if skipped is None else skipped,  # any pointer where nothing is counted
         update.lr if lr_tensor else weights,  # any pointer where lr is a number
+        num_blocks,
         float(shape.output_scale), 1.0 / p, math.exp(-p), math.exp(p), 1.0 if lr_tensor else float(update.lr),
         float(update.weight_decay),
-        L=shape.layers, H=shape.hidden, HP=padded(shape.hidden), IN=shape.features,
-        PREPROCESS=shape.preprocess_p is not None,
-        STATE_DTYPE=tl.float32 if state_dtype == torch.float32 else tl.bfloat16,
-        BLOCK_N=block_n, DOT_PRECISION=dot_precision, GROUP_STEP=skipped is not None, LR_TENSOR=lr_tensor,
-        MAXIMIZE=update.maximize, num_warps=num_warps,
+        **kernel_constants(shape, state_dtype, precision, block_n), GROUP_STEP=skipped is not None,
+        LR_TENSOR=lr_tensor, MAXIMIZE=update.maximize, ALIGNED=all(t.data_ptr() % 16 == 0 for row in rows for t in row),
+        num_warps=num_warps, num_stages=num_stages,
     )
 
 
-def forward_block(padded_hidden: int) -> int:
-    """Coordinates per program. At H padded to 64 the default launch (wgmma, 1.6 KB of spills) computed
-    wrong rows of the last layer, in runs of 8, on an H100 under compute-sanitizer memcheck (0 memory
-    errors; correct without it, and with BLOCK_N=32, which takes mma.sync): that size gets 32."""
-    return BLOCK_N if padded_hidden < 64 else 32
+def kernel_constants(shape: NetShape, state_dtype: torch.dtype, precision: str, block_n: int = BLOCK_N) -> dict:
+    """The constexprs of a forward launch that follow from the net, the state dtype and the precision."""
+    return dict(
+        L=shape.layers, H=shape.hidden, HP=padded(shape.hidden),
+        K0=operand_width(shape.hidden + shape.features + 1), K1=operand_width(shape.hidden + 1),
+        G=vector_units(shape.hidden, state_dtype), IN=shape.features,
+        PREPROCESS=shape.preprocess_p is not None,
+        STATE_DTYPE=tl.float32 if state_dtype == torch.float32 else tl.bfloat16,
+        BLOCK_N=block_n, EXACT=precision == "exact", PER_GATE=per_gate_dots(shape),
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def default_programs(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRETER_PROGRAMS
+    return PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 # ---------------------------------------------------------------------------------------- entry points
 
-def forward(theta: Tensor, grad: Tensor, h: Tensor, c: Tensor, weights: Tensor, shape: NetShape):
+def forward(theta: Tensor, grad: Tensor, h: Tensor, c: Tensor, weights: Tensor, shape: NetShape,
+            precision: Optional[str] = None):
     """``(θ + Δ, h', c')`` of a flat θ, out of place (meta-training's step)."""
     theta_out, h_out, c_out = torch.empty_like(theta), torch.empty_like(h), torch.empty_like(c)
-    launch_forward([(theta, theta_out, grad, h, h_out, c, c_out)], weights, shape)
+    launch_forward([(theta, theta_out, grad, h, h_out, c, c_out)], weights, shape, precision=resolve(precision))
     return theta_out, h_out, c_out
 
 
 def group_step(params, grads, hs, cs, skipped: Tensor, weights: Tensor, shape: NetShape, update: Update = Update(),
-               table: Optional[LaunchTable] = None) -> None:
+               table: Optional[LaunchTable] = None, precision: Optional[str] = None) -> None:
     """The optimizer's in-place step of a param group in one launch, through ``table``."""
     _group_step_op(params, grads, hs, cs, skipped, weights, shape.layers, shape.hidden, shape.features,
                    shape.preprocess_p, shape.output_scale, *update.lr_arguments(), update.weight_decay, update.maximize,
-                   -1 if table is None else table.handle)
+                   -1 if table is None else table.handle, precision)
 
 
 @torch.library.custom_op("l2l_fused::triton_group_step", mutates_args=("params", "h", "c", "skipped"))
@@ -242,9 +454,11 @@ def _group_step_op(
     weight_decay: float = 0.0,
     maximize: bool = False,
     table: int = -1,
+    precision: Optional[str] = None,
 ) -> None:
     """Opaque to torch.compile, which sees only what it mutates. ``lr_tensor`` (a float32 on the device),
-    when given, is the lr and ``lr`` is not read; ``table`` is a LaunchTable's handle."""
+    when given, is the lr and ``lr`` is not read; ``table`` is a LaunchTable's handle; ``precision`` None is
+    resolved here, when the op runs (:mod:`l2l_fused.ops.precision`)."""
     rows, write_back = [], []
     for p, g, hs, cs in zip(params, grads, h, c):
         # Non-contiguous tensors (rare for parameters) are stepped through a contiguous copy, written back
@@ -255,12 +469,12 @@ def _group_step_op(
         rows.append((work, work, g.contiguous(), hs, hs, cs, cs))
     update = Update(lr if lr_tensor is None else lr_tensor, weight_decay, maximize)
     shape = NetShape(layers, hidden, features, preprocess_p, output_scale)
-    launch_forward(rows, weights, shape, LaunchTable.find(table), skipped=skipped, update=update)
+    launch_forward(rows, weights, shape, LaunchTable.find(table), resolve(precision), skipped=skipped, update=update)
     for p, work in write_back:
         p.copy_(work)
 
 
 @_group_step_op.register_fake
 def _(params, grads, h, c, skipped, weights, layers, hidden, features, preprocess_p, output_scale, lr_tensor=None,
-      lr=1.0, weight_decay=0.0, maximize=False, table=-1) -> None:
+      lr=1.0, weight_decay=0.0, maximize=False, table=-1, precision=None) -> None:
     return None
