@@ -1,5 +1,6 @@
 // CPU kernels of the step and its backward: OpenMP over coordinates through ATen's parallel_for (torch's own
-// OpenMP pool, so torch.set_num_threads applies and no second OpenMP runtime is loaded), the inner loops of
+// OpenMP pool, so torch.set_num_threads applies and no second OpenMP runtime is loaded). The forward runs
+// blocks of coordinates (l2l_cpu_forward.h); the backward, one coordinate at a time, the inner loops of
 // l2l_math.h vectorised over the 4H gate units.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -12,6 +13,7 @@
 #include <numeric>
 #include <vector>
 
+#include "l2l_cpu_forward.h"
 #include "l2l_ops.h"
 
 namespace l2l {
@@ -44,10 +46,11 @@ Factors factors(const Update& u) {
   return {lr, decay_factor(lr, u.weight_decay), u.maximize};
 }
 
-// Returns how many coordinates were skipped for a non-finite ∇ (only for the optimizer's step).
+// Returns how many coordinates were skipped for a non-finite ∇ (only for the optimizer's step). The
+// coordinates that take the learned step are gathered into blocks of cpu::kBlock, whatever lies between them.
 template <int H_CT, typename S, typename P>
-int64_t forward_rows(const Row& row, int64_t begin, int64_t end, const float* w, const NetShape& s, bool group_step,
-                     const Factors& f) {
+int64_t forward_rows(const Row& row, int64_t begin, int64_t end, const cpu::BlockWeights& w, const NetShape& s,
+                     bool group_step, const Factors& f) {
   using acc_t = at::opmath_type<P>;  // float, or double for double parameters
   const P* theta_in = row[0].const_data_ptr<P>();
   P* theta_out = row[1].data_ptr<P>();
@@ -58,7 +61,17 @@ int64_t forward_rows(const Row& row, int64_t begin, int64_t end, const float* w,
   S* c_out = reinterpret_cast<S*>(row[6].data_ptr());
   const int64_t stride = row[0].numel() * s.hidden;
   const acc_t decay = static_cast<acc_t>(f.decay);
-  int64_t skipped = 0;
+  int64_t skipped = 0, index[cpu::kBlock];
+  float x[cpu::kBlock][2] = {}, delta[cpu::kBlock];
+  int count = 0;
+  auto run_block = [&] {
+    cpu::block_forward<H_CT, S>(s, w, count, index, x, h_in, c_in, h_out, c_out, stride, delta);
+    for (int b = 0; b < count; ++b) {
+      const int64_t n = index[b];
+      theta_out[n] = static_cast<P>(static_cast<acc_t>(theta_in[n]) * decay + static_cast<acc_t>(f.lr * delta[b]));
+    }
+    count = 0;
+  };
   for (int64_t n = begin; n < end; ++n) {
     float g = static_cast<float>(grad[n]);
     if (group_step) {
@@ -72,10 +85,11 @@ int64_t forward_rows(const Row& row, int64_t begin, int64_t end, const float* w,
       }
       if (f.maximize) g = -g;
     }
-    const int64_t at = n * s.hidden;
-    const float delta = coordinate_forward<H_CT, S>(s, w, g, h_in + at, c_in + at, h_out + at, c_out + at, stride);
-    theta_out[n] = static_cast<P>(static_cast<acc_t>(theta_in[n]) * decay + static_cast<acc_t>(f.lr * delta));
+    features(s, g, x[count]);
+    index[count] = n;
+    if (++count == cpu::kBlock) run_block();
   }
+  if (count > 0) run_block();
   return skipped;
 }
 
@@ -136,15 +150,19 @@ void forward_cpu(const std::vector<Row>& rows, const at::Tensor& weights, const 
   std::vector<std::pair<int64_t, int64_t>> tasks;  // (row, first coordinate)
   for (int64_t r = 0; r < static_cast<int64_t>(rows.size()); ++r)
     for (int64_t n = 0; n < rows[r][0].numel(); n += kChunk) tasks.emplace_back(r, n);
-  const float* w = weights.const_data_ptr<float>();
+  const cpu::BlockWeights w(s, weights.const_data_ptr<float>());
   std::atomic<int64_t> total{0};
   const Factors f = factors(u);
   dispatch_state(rows.front()[3], [&](auto state_tag) {
     using S = decltype(state_tag);
     dispatch_hidden(s, [&](auto hidden) {
-      at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t first, int64_t last) {
+      // Each thread claims the next chunk until none is left: a thread slowed down (by another process on
+      // its core, say) takes fewer chunks instead of holding the others at the end.
+      std::atomic<size_t> next{0};
+      const int64_t threads = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(tasks.size()));
+      at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
         int64_t mine = 0;
-        for (int64_t t = first; t < last; ++t) {
+        for (size_t t; (t = next.fetch_add(1)) < tasks.size();) {
           const Row& row = rows[tasks[t].first];
           const int64_t begin = tasks[t].second, end = std::min(begin + kChunk, row[0].numel());
           AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, row[0].scalar_type(), "l2l_forward_cpu", [&] {

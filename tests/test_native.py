@@ -14,7 +14,7 @@ import torch
 from l2l_fused import L2LOptimizer, available_backends
 from l2l_fused.ops import constants, interface, native
 from l2l_fused.ops.layout import pack
-from helpers import adversarial_grad, random_net, random_state
+from helpers import adversarial_grad, check_group_step, group_inputs, random_net, random_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 built = pytest.mark.skipif(native.BUILD_ERROR is not None, reason=f"l2l_fused._C not built: {native.BUILD_ERROR}")
@@ -113,6 +113,59 @@ def test_cpu_weight_gradients_do_not_depend_on_the_thread_count(seed):
         torch.set_num_threads(threads)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def _native_group_step(net, thetas, grads, hs, cs):
+    """The optimizer's in-place step on copies of the inputs: (θ', h', c') lists and the skipped count."""
+    outs = [[t.clone() for t in ts] for ts in (thetas, hs, cs)]
+    skipped = torch.zeros((), dtype=torch.int64)
+    interface.resolve("native", "cpu", net).group_step(net, outs[0], grads, outs[1], outs[2], skipped)
+    return outs, skipped.item()
+
+
+@built
+def test_cpu_step_does_not_depend_on_threads_or_neighbours(seed):
+    """The CPU forward steps blocks of coordinates together: a coordinate's result must not depend on the
+    thread count, nor on which coordinates share its block (here shifted by skipping every third one)."""
+    net = random_net()
+    thetas, grads, hs, cs = group_inputs(net, [5000, 37], torch.float32, "cpu")  # chunks of 2048, partial blocks
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n_threads in (1, max(2, threads)):
+            torch.set_num_threads(n_threads)
+            results.append(_native_group_step(net, thetas, grads, hs, cs)[0])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+    poisoned = [g.clone() for g in grads]
+    for g in poisoned:
+        g[::3] = float("nan")
+    (theta_p, h_p, c_p), skipped = _native_group_step(net, thetas, poisoned, hs, cs)
+    assert skipped == sum(len(range(0, g.numel(), 3)) for g in grads)
+    for theta, h, c, g, t_p, hp, cp in zip(*results[0], poisoned, theta_p, h_p, c_p):
+        kept = ~torch.isnan(g)
+        assert torch.equal(t_p[kept], theta[kept])
+        assert torch.equal(hp[:, kept], h[:, kept]) and torch.equal(cp[:, kept], c[:, kept])
+
+
+@built
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p,layers,hidden,scale", [(10.0, 3, 1, 0.3), (None, 2, 5, 1.0), (10.0, 1, 33, 0.2)])
+def test_cpu_step_of_hidden_sizes_that_pad_the_weight_tiles(seed, state_dtype, p, layers, hidden, scale):
+    """Hidden sizes other than the compiled-in 20 run with 4H gate columns padded to whole register tiles
+    (on every vector width: 4H = 4, 20, 132), among zero, non-finite and adversarial gradients."""
+    net = random_net(hidden, layers, p, scale)
+    thetas, grads, hs, cs = group_inputs(net, [1, 7, 130, 1001], state_dtype, "cpu")
+    generator = torch.Generator().manual_seed(seed)
+    for g in grads:
+        bad = torch.rand(g.numel(), generator=generator) < 0.2
+        g[bad] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0])[torch.randint(4, (int(bad.sum()),),
+                                                                                             generator=generator)].to(g.dtype)
+    outs, skipped = _native_group_step(net, thetas, grads, hs, cs)
+    assert skipped == check_group_step(net, thetas, grads, hs, cs, *outs, state_dtype)
 
 
 def test_package_works_without_the_extension():
