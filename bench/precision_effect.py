@@ -29,8 +29,8 @@ from l2l_fused import pretrained  # noqa: E402
 from l2l_fused.meta import TASKS, TrainConfig  # noqa: E402
 from l2l_fused.meta.unroll import learned_losses  # noqa: E402
 
-# held-out functions per task: the interpreter steps ~10⁴ coordinates a second
-FUNCTIONS = {"quadratic": 128, "mlp": 8, "conv": 2}
+# held-out functions per task: the interpreter takes ~0.1 s per block of 128 coordinates
+FUNCTIONS = {"quadratic": 128, "mlp": 2, "conv": 1}
 MODES = {"exact": "highest", "fast": "high"}  # precision=None follows torch.get_float32_matmul_precision()
 
 
@@ -53,12 +53,12 @@ def effect(name: str, functions: int, steps: int, device: torch.device) -> dict:
         row[mode] = {"final_mean": loss[-1].mean().item(), "trajectory_mean": loss[1:].mean().item()}
     for key in ("final_mean", "trajectory_mean"):
         row[f"fast_vs_exact_{key}"] = row["fast"][key] / row["exact"][key] - 1
-    row["max_relative_loss_difference"] = ((losses["fast"] - losses["exact"]).abs()
-                                           / losses["exact"].abs().clamp_min(1e-30)).max().item()
+    final = losses["fast"][-1] / losses["exact"][-1] - 1  # per function
+    row["functions_final_loss_within_1pct"] = (final.abs() <= 0.01).double().mean().item()
     print(f"{name:>9}: {functions} functions, {steps} steps; final mean exact {row['exact']['final_mean']:.5g} fast "
           f"{row['fast']['final_mean']:.5g} ({row['fast_vs_exact_final_mean']:+.3%}); trajectory mean "
-          f"{row['fast_vs_exact_trajectory_mean']:+.3%}; largest per-loss difference "
-          f"{row['max_relative_loss_difference']:.2%} ({seconds['exact']:.0f} s + {seconds['fast']:.0f} s)", flush=True)
+          f"{row['fast_vs_exact_trajectory_mean']:+.3%}; functions whose final loss moved ≤ 1%: "
+          f"{row['functions_final_loss_within_1pct']:.0%} ({seconds['exact']:.0f} s + {seconds['fast']:.0f} s)", flush=True)
     return row
 
 

@@ -81,16 +81,7 @@ inline Vec exp_vec(Vec x) {
   Vec xc = x < -87.3f ? splat(-87.3f) : x;
   xc = xc > 88.7f ? splat(88.7f) : xc;
   const Vec n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  Vec r = xc - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  Vec p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return p * reinterpret_cast<Vec>((__builtin_convertvector(n, VecI) + 127) << 23);  // p · 2^n
+  return exp_reduced(xc, n) * reinterpret_cast<Vec>((__builtin_convertvector(n, VecI) + 127) << 23);  // p · 2^n
 }
 
 // x's sign bit, and x with it cleared (|x|) or set from `sign` (on an x >= 0).

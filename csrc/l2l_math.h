@@ -73,6 +73,20 @@ L2L_HD int64_t layer_offset(const NetShape& s, int l) {
 }
 L2L_HD int64_t packed_size(const NetShape& s) { return layer_offset(s, s.layers) + s.hidden + 1; }
 
+// Cephes' single-precision exp after its range reduction: p with e^xc = p · 2^n, n = round(xc / ln 2), for a
+// float or a vector of them (the CPU forward's, l2l_cpu_forward.h), operation for operation the same.
+template <typename T>
+inline T exp_reduced(T xc, T n) {
+  T r = xc - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  T p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  return p * r * r + r + 1.0f;
+}
+
 // exp. On the GPU, CUDA's expf. On the host, Cephes' single-precision scheme (range reduction by ln 2, a
 // degree-5 polynomial, 2^n from the exponent bits; ~1 ulp), written without branches or calls so the loops
 // over gate units vectorise: libm's expf is a call the compiler vectorises only under -ffast-math, which
@@ -84,15 +98,7 @@ L2L_HD float exp_f(float x) {
   const float xc = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);  // NaN passes: it is returned below
   // n = round(x / ln 2) by the 1.5 * 2^23 trick (exact for |x / ln 2| < 2^22): adds, no call, vectorises
   const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = xc - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  const float p = exp_reduced(xc, n);
   const float scale = __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);  // 2^n
   return x != x ? x : p * scale;
 #endif

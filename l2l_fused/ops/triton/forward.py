@@ -7,9 +7,10 @@ they must match is :mod:`l2l_fused.ops.reference`; the per-coordinate math is in
 
 One launch covers every tensor of a param group, whatever their shapes and dtypes: the launcher writes a
 table with one row per tensor (:mod:`l2l_fused.ops.constants` names its columns) and a block→tensor map,
-as PyTorch's fused Adam and apex's multi_tensor_apply do. A program takes one block of ``BLOCK_N``
-coordinates of one tensor, so it branches on that tensor's dtype once, uniformly, and nothing is copied
-or concatenated: θ, ∇ and the state are read and written where they live. The tables are the optimizer's
+as PyTorch's fused Adam and apex's multi_tensor_apply do. Persistent programs walk the blocks; a block
+is ``BLOCK_N`` coordinates of one tensor, so a program branches on that tensor's dtype once per block,
+uniformly, and nothing is copied or concatenated: θ, ∇ and the state are read and written where they
+live. docs/kernels.md ("The Triton forward", "Arithmetic modes") has the design and its static model. The tables are the optimizer's
 (:class:`~l2l_fused.ops.launch_table.LaunchTable`, which also keeps them valid under CUDA-graph capture):
 a step whose tensors did not move is exactly one kernel launch.
 """
@@ -248,7 +249,7 @@ GATE_SCALES = {
 
 
 def round_tf32(t: Tensor) -> Tensor:
-    """``t`` (float32) rounded to TF32 to nearest even, as the kernels' ``_round_tf32``."""
+    """``t`` (float32) rounded to TF32, to nearest even (NaN kept): exactly what the tensor cores multiply."""
     bits = t.view(torch.int32)  # int32 arithmetic wraps as the kernel's uint32 does: the same bits
     rounded = ((bits + 0xFFF + ((bits >> 13) & 1)) & -0x2000).view(torch.float32)
     return torch.where(t != t, t, rounded)

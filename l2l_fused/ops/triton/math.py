@@ -220,14 +220,6 @@ def _layer_step(x, x0, x1, h_ptr, c_ptr, at, mask, w_ptr, layer: tl.constexpr, I
 
 
 @triton.jit
-def _round_tf32(x):
-    """x rounded to TF32 (10 mantissa bits), to nearest even; NaN and ±inf stay."""
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = ((bits + 0xFFF + ((bits >> 13) & 1)) & 0xFFFFE000).to(tl.float32, bitcast=True)
-    return tl.where(x != x, x, rounded)  # a NaN's payload could carry into the sign bit
-
-
-@triton.jit
 def _truncate_tf32(x):
     """x with its 13 low mantissa bits cleared: what the tensor cores read of a float32 operand."""
     return (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
@@ -245,15 +237,9 @@ def _tf32(x):
 
 
 @triton.jit
-def _split_tf32(x):
-    """(hi, lo) of a weight matrix, both TF32, rounded to nearest: |x − hi − lo| ≤ 2⁻²²|x|. Once per program."""
-    hi = _round_tf32(x)
-    return hi, _round_tf32(x - hi)
-
-
-@triton.jit
 def _dot_tf32(a, b_hi, b_lo, acc, EXACT: tl.constexpr, INF: tl.constexpr):
-    """acc + a·b on the tensor cores, from b's split (:func:`_split_tf32`; b_lo unused unless EXACT).
+    """acc + a·b on the tensor cores, from b's TF32 split made on the host (``forward.tensor_core_weights``;
+    b_lo unused unless EXACT).
 
     Fast: one pass; a truncated to TF32 (≤ 2⁻¹⁰ relative), b rounded (≤ 2⁻¹¹): each product within
     1.5·2⁻¹⁰ of float32's. Exact: three passes, a = a_hi + a_lo with a_hi truncated (one LOP3) and a_lo
