@@ -10,9 +10,9 @@ table with one row per tensor (:mod:`l2l_fused.ops.constants` names its columns)
 as PyTorch's fused Adam and apex's multi_tensor_apply do. Persistent programs walk the blocks; a block
 is ``BLOCK_N`` coordinates of one tensor, so a program branches on that tensor's dtype once per block,
 uniformly, and nothing is copied or concatenated: θ, ∇ and the state are read and written where they
-live. docs/kernels.md ("The Triton forward", "Arithmetic modes") has the design and its static model. The tables are the optimizer's
-(:class:`~l2l_fused.ops.launch_table.LaunchTable`, which also keeps them valid under CUDA-graph capture):
-a step whose tensors did not move is exactly one kernel launch.
+live. The tables are the optimizer's (:class:`~l2l_fused.ops.launch_table.LaunchTable`, which also keeps
+them valid under CUDA-graph capture): a step whose tensors did not move is exactly one kernel launch.
+docs/kernels.md ("The Triton forward", "Arithmetic modes") has the design and its static model.
 """
 
 from __future__ import annotations
@@ -97,8 +97,8 @@ def _layer(a, t_a, K_A: tl.constexpr, b, t_b, K_B: tl.constexpr, TWO: tl.constex
            HP: tl.constexpr, PER_GATE: tl.constexpr, EXACT: tl.constexpr, INF: tl.constexpr):
     """(c', h') of one layer from its operands: ``a`` against the tile at ``t_a``, and (if TWO) ``b`` against
     ``t_b``. One dot per operand over all four gates (N = 4·HP), split in registers; or, where such tiles
-    would not fit in shared memory (PER_GATE), one per gate. INF: ``a`` may hold ±inf. Padded units have z = 0: i = f = o = ½,
-    g = 0, and c = 0, so c' = h' = 0 there."""
+    would not fit in shared memory (PER_GATE), one per gate. INF: ``a`` may hold ±inf. Padded units have
+    z = 0: i = f = o = ½, g = 0, and c = 0, so c' = h' = 0 there."""
     if PER_GATE:
         zero = tl.zeros([BLOCK_N, HP], dtype=tl.float32)
         zi = _preact(a, t_a, K_A, HP, 0, HP, EXACT, INF, zero)
@@ -159,9 +159,10 @@ def _l2l_fwd_kernel(
     for block in range(tl.program_id(0), num_blocks, tl.num_programs(0)):
         row = table_ptr + tl.load(block_tensor_ptr + block).to(tl.int64) * COLUMNS
         start = (block - tl.load(row + FIRST_BLOCK)) * BLOCK_N  # int64: N·H can pass 2**31
-        mask = n < tl.load(row + NUMEL) - start
+        numel = tl.load(row + NUMEL)
+        mask = n < numel - start
         code = tl.load(row + DTYPE)
-        layer_stride = tl.load(row + NUMEL) * H
+        layer_stride = numel * H
         theta_in = tl.load(row + THETA_IN)
         theta_out = tl.load(row + THETA_OUT)
         grad_at = tl.load(row + GRAD)
@@ -233,9 +234,10 @@ def check_weights(weights: Tensor, shape: NetShape, device: torch.device) -> Non
                          f"{weights.dtype} {list(weights.shape)} on {weights.device}")
 
 
-def padded(hidden: int) -> int:
-    """H as the kernels' register tiles hold it: a power of two, at least 16 (a dot's smallest side)."""
-    return max(16, triton.next_power_of_2(hidden))
+def padded(values: int) -> int:
+    """A register tile's side holding ``values`` (H, or a dot operand's inputs): a power of two, at least 16
+    (a dot's smallest side)."""
+    return max(16, triton.next_power_of_2(values))
 
 
 # Each gate's columns (i, f, g, o) are multiplied by what its activation first multiplies by: the kernel's
@@ -265,7 +267,6 @@ def tensor_core_weights(weights: Tensor, shape: NetShape, precision: str) -> Ten
     and contiguous, and no program rounds a weight."""
     H, HP, IN = shape.hidden, padded(shape.hidden), shape.features
     constants = kernel_constants(shape, torch.float32, precision)
-
     scales = weights.new_tensor(GATE_SCALES[precision]).view(1, 4, 1)
 
     def tile(layer: int, rows: list[int], K: int) -> Tensor:
@@ -308,11 +309,6 @@ def vector_units(hidden: int, state_dtype: torch.dtype) -> int:
     while hidden % units:
         units //= 2
     return units
-
-
-def operand_width(columns: int) -> int:
-    """K of a dot operand holding ``columns`` values: a power of two, at least 16 (a dot's smallest side)."""
-    return max(16, triton.next_power_of_2(columns))
 
 
 def launch_forward(
@@ -400,7 +396,7 @@ def kernel_constants(shape: NetShape, state_dtype: torch.dtype, precision: str, 
     """The constexprs of a forward launch that follow from the net, the state dtype and the precision."""
     return dict(
         L=shape.layers, H=shape.hidden, HP=padded(shape.hidden),
-        K0=operand_width(shape.hidden + shape.features + 1), K1=operand_width(shape.hidden + 1),
+        K0=padded(shape.hidden + shape.features + 1), K1=padded(shape.hidden + 1),
         G=vector_units(shape.hidden, state_dtype), IN=shape.features,
         PREPROCESS=shape.preprocess_p is not None,
         STATE_DTYPE=tl.float32 if state_dtype == torch.float32 else tl.bfloat16,

@@ -8,17 +8,17 @@ inputs k = (x, h, 1).
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
+from ..interface import TRITON_INTERPRETED
+
 
 # Whether the kernels run on a GPU, where they use PTX's approximate instructions (one MUFU operation
-# each), or in Triton's interpreter (TRITON_INTERPRET=1, read when kernels are decorated), which runs no
-# inline PTX: there the same formulas use numpy's exp, log and division, which differ from the
-# instructions by their ≤ 2 ulp (ex2, rcp, lg2; tanh.approx: docs/kernels.md).
-HARDWARE = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
+# each), or in Triton's interpreter, which runs no inline PTX: there the same formulas use numpy's exp,
+# log and division, which differ from the instructions by their ≤ 2 ulp (ex2, rcp, lg2; tanh.approx:
+# docs/kernels.md).
+HARDWARE = tl.constexpr(not TRITON_INTERPRETED)
 
 
 @triton.jit
