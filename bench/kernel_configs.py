@@ -56,16 +56,22 @@ def forward_configs():
 
 
 def backward_configs():
-    for layers, hidden, features in [(2, 20, 2), (1, 20, 1), (3, 64, 2), (2, 5, 2)]:
-        packed = NetShape(layers, hidden, features, 10.0 if features == 2 else None, 0.1).packed_size
-        constexprs = {"L": layers, "H": hidden, "HP": triton_forward.padded(hidden), "IN": features,
-                      "PREPROCESS": features == 2, "BLOCK_N": triton_backward.BLOCK_N,
-                      "DOT_PRECISION": triton_backward.DOT_PRECISION, "ROW": packed}
-        signature = {name: "*fp32" for name in ("grad_ptr", "h_ptr", "c_ptr", "dtheta_ptr", "dh_next_ptr", "dc_next_ptr",
-                                                "dh_ptr", "dc_ptr", "partial_ptr", "w_ptr")}
-        signature.update(n="i32", num_blocks="i32", output_scale="fp32",
-                         inv_p="fp32", threshold="fp32", exp_p="fp32")
-        yield f"backward L={layers} H={hidden} in={features}", constexprs, signature
+    """(name, constexprs, signature): the backward over the nets the tests and the paper use, in both
+    precisions; the paper's net also from a bfloat16 saved state (meta-training's saved_state_dtype)."""
+    for layers, hidden, features, state in [(2, 20, 2, torch.float32), (2, 20, 2, torch.bfloat16), (1, 20, 1, torch.float32),
+                                            (3, 64, 2, torch.float32), (2, 5, 2, torch.float32)]:
+        for precision in PRECISIONS:
+            shape = NetShape(layers, hidden, features, 10.0 if features == 2 else None, 0.1)
+            constexprs = {**triton_backward.kernel_constants(shape, state, precision), "ALIGNED": True}
+            state_type = "*bf16" if state == torch.bfloat16 else "*fp32"
+            signature = {"grad_ptr": "*fp32", "h_ptr": state_type, "c_ptr": state_type}
+            signature.update({name: "*fp32" for name in ("dtheta_ptr", "dh_next_ptr", "dc_next_ptr", "dh_ptr", "dc_ptr",
+                                                         "partial_ptr")})
+            signature["tiles_ptr"] = "*i64"
+            signature.update(n_coords="i32", num_blocks="i32", output_scale="fp32", inv_p="fp32", threshold="fp32",
+                             exp_p="fp32")
+            yield (f"backward {precision} L={layers} H={hidden} in={features} state={state_type[1:]}", constexprs,
+                   signature)
 
 
 class Job(NamedTuple):
@@ -87,7 +93,8 @@ def jobs() -> list[Job]:
     one list this report and bench/perf_model.py read."""
     def job(kernel, options, name, constexprs, signature):
         default = (all(constexprs[k] == v for k, v in PAPER_NET.items())
-                   and constexprs.get("STATE_DTYPE", tl.float32) == tl.float32 and not constexprs.get("LR_TENSOR", False))
+                   and constexprs.get("STATE_DTYPE", tl.float32) == tl.float32 and signature.get("h_ptr", "*fp32") == "*fp32"
+                   and not constexprs.get("LR_TENSOR", False))
         return Job(name, kernel, options, constexprs, {**signature, **{k: "constexpr" for k in constexprs}}, default,
                    constexprs["BLOCK_N"], options["num_warps"])
 
@@ -96,6 +103,9 @@ def jobs() -> list[Job]:
         _, warps, stages = triton_forward.launch_config(shape, "exact" if constexprs["EXACT"] else "fast")
         return {"num_warps": warps, "num_stages": stages}
 
-    backward_options = {"num_warps": triton_backward.NUM_WARPS, "num_stages": triton_backward.NUM_STAGES}
+    def backward_options(constexprs):
+        return {"num_warps": triton_backward.NUM_WARPS,
+                "num_stages": triton_backward.NUM_STAGES["exact" if constexprs["EXACT"] else "fast"]}
+
     return ([job(triton_forward._l2l_fwd_kernel, forward_options(config[1]), *config) for config in forward_configs()]
-            + [job(triton_backward._l2l_bwd_kernel, backward_options, *config) for config in backward_configs()])
+            + [job(triton_backward._l2l_bwd_kernel, backward_options(config[1]), *config) for config in backward_configs()])

@@ -235,3 +235,39 @@ def backend_or_skip(name: str, device: str) -> tuple[str, torch.device]:
     if name != "auto" and name not in available_backends(device):
         pytest.skip(f"{name} is not available on {device} here")
     return name, torch.device(device)
+
+
+# ------------------------------------------------------------------------------ meta-gradients
+
+def unroll_grads(net, backend, thetas, states, grads, weights_out, device, dtype=torch.float32, **options):
+    """Summed meta-loss of a 3-step unroll of several θ tensors; gradients wrt each θ, h0, c0 and φ."""
+    net = copy.deepcopy(net).to(device=device, dtype=dtype)
+    leaves, total = [], 0
+    for theta0, (h0, c0), steps, w in zip(thetas, states, grads, weights_out):
+        theta = theta0.to(device, dtype).requires_grad_()
+        h, c = h0.to(device, dtype).requires_grad_(), c0.to(device, dtype).requires_grad_()
+        leaves += [theta, h, c]
+        x, state = theta, (h, c)
+        for g in steps:
+            x, state = net(x, g.to(device, dtype), state, backend=backend, **options)
+            # a loss on θ' (what meta-training has) and on the state, so every adjoint input is non-zero
+            total = total + (x * w.to(device, dtype)).sum() + 0.1 * state[0].sum() + 0.05 * state[1].pow(2).sum()
+    return torch.autograd.grad(total, leaves + list(net.parameters()))
+
+
+def unroll_problem(net, sizes, generator):
+    thetas = [torch.randn(n, generator=generator) for n in sizes]
+    states = [tuple(s for s in random_state(net, n)) for n in sizes]
+    grads = [[adversarial_grad(n, net.preprocess_p, generator=generator) for _ in range(3)] for n in sizes]
+    weights_out = [torch.randn(n, generator=generator) for n in sizes]
+    return thetas, states, grads, weights_out
+
+
+def unrolled_meta_gradients(net, name, device, seed, **options):
+    """(names, fused, float64 reference, float32 reference) gradients of a 3-step unroll of three θ tensors."""
+    problem = unroll_problem(net, [1000, 7, 65], torch.Generator().manual_seed(seed))
+    got = unroll_grads(net, name, *problem, device, **options)
+    want = unroll_grads(net, "reference", *problem, "cpu", torch.float64)
+    torch32 = unroll_grads(net, "reference", *problem, "cpu", torch.float32)
+    names = [f"{kind}{i}" for i in range(3) for kind in ("theta", "h", "c")] + [n for n, _ in net.named_parameters()]
+    return names, got, want, torch32

@@ -2,8 +2,6 @@
 step and the differentiable step against the float64 reference (tolerances in helpers.py), and the
 backward's contract (gradients, determinism, memory, no gradient into ∇)."""
 
-import copy
-
 import pytest
 import torch
 
@@ -13,7 +11,8 @@ from l2l_fused.ops.layout import NetShape, pack
 from l2l_fused.ops.update import Update
 from l2l_fused.meta import MetaTrainer, QuadraticTask, TrainConfig
 from helpers import (CASES, F32_TOL, UNIT_ROUNDOFF, adversarial_grad, assert_within, backend_or_skip, check_group_step,
-                     factors, grad_for, group_inputs, random_net, random_state)
+                     factors, grad_for, group_inputs, random_net, random_state, unroll_grads, unroll_problem,
+                     unrolled_meta_gradients)
 
 FUSED = [("triton", "cuda"), ("triton", "cpu"), ("native", "cpu"), ("native", "cuda")]
 
@@ -233,40 +232,11 @@ def test_net_forward_matches_reference(seed, fused):
 REL_TOL = 1e-5
 
 
-def _unroll_grads(net, backend, thetas, states, grads, weights_out, device, dtype=torch.float32, **options):
-    """Summed meta-loss of a 3-step unroll of several θ tensors; gradients wrt each θ, h0, c0 and φ."""
-    net = copy.deepcopy(net).to(device=device, dtype=dtype)
-    leaves, total = [], 0
-    for theta0, (h0, c0), steps, w in zip(thetas, states, grads, weights_out):
-        theta = theta0.to(device, dtype).requires_grad_()
-        h, c = h0.to(device, dtype).requires_grad_(), c0.to(device, dtype).requires_grad_()
-        leaves += [theta, h, c]
-        x, state = theta, (h, c)
-        for g in steps:
-            x, state = net(x, g.to(device, dtype), state, backend=backend, **options)
-            # a loss on θ' (what meta-training has) and on the state, so every adjoint input is non-zero
-            total = total + (x * w.to(device, dtype)).sum() + 0.1 * state[0].sum() + 0.05 * state[1].pow(2).sum()
-    return torch.autograd.grad(total, leaves + list(net.parameters()))
-
-
-def _problem(net, sizes, generator):
-    thetas = [torch.randn(n, generator=generator) for n in sizes]
-    states = [tuple(s for s in random_state(net, n)) for n in sizes]
-    grads = [[adversarial_grad(n, net.preprocess_p, generator=generator) for _ in range(3)] for n in sizes]
-    weights_out = [torch.randn(n, generator=generator) for n in sizes]
-    return thetas, states, grads, weights_out
-
-
-@pytest.mark.parametrize("preprocess_p,num_layers", [(10.0, 2), (10.0, 1), (None, 2), (None, 1)])
+@pytest.mark.parametrize("preprocess_p,num_layers", [(10.0, 2), (10.0, 1), (None, 2), (None, 1), (10.0, 3)])
 def test_unrolled_meta_gradient_matches_float64_reference(seed, fused, preprocess_p, num_layers):
     name, device = fused
     net = random_net(20, num_layers, preprocess_p, 0.3)
-    problem = _problem(net, [1000, 7, 65], torch.Generator().manual_seed(seed))
-    got = _unroll_grads(net, name, *problem, device)
-    want = _unroll_grads(net, "reference", *problem, "cpu", torch.float64)
-    torch32 = _unroll_grads(net, "reference", *problem, "cpu", torch.float32)
-    names = [f"{kind}{i}" for i in range(3) for kind in ("theta", "h", "c")] + [n for n, _ in net.named_parameters()]
-    for what, a, b, t in zip(names, got, want, torch32):
+    for what, a, b, t in zip(*unrolled_meta_gradients(net, name, device, seed, precision="exact")):
         scale = b.abs().max().item()
         err = (a.cpu().double() - b).abs().max().item()
         err_torch = (t.double() - b).abs().max().item()
@@ -298,7 +268,8 @@ def test_backward_entry_point_matches_its_specification(seed, fused, state_dtype
         assert err <= 2 * err_torch + REL_TOL * scale, f"{what}: max error {err:.3g}, PyTorch float32 {err_torch:.3g}"
 
 
-def test_repeated_backward_gives_bit_identical_weight_gradients(seed, fused):
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_repeated_backward_gives_bit_identical_weight_gradients(seed, fused, precision):
     name, device = fused
     net = random_net().to(device)
     n = 5000  # several blocks per program or chunk, and a partial last one
@@ -308,7 +279,7 @@ def test_repeated_backward_gives_bit_identical_weight_gradients(seed, fused):
     w = torch.randn(n, device=device)
 
     def weight_grads():
-        x, (h2, c2) = net(theta, grad, (h, c), backend=name)
+        x, (h2, c2) = net(theta, grad, (h, c), backend=name, precision=precision)
         return torch.autograd.grad((x * w).sum() + h2.sum() + c2.pow(2).sum(), list(net.parameters()))
 
     first = weight_grads()
@@ -354,9 +325,9 @@ def test_bf16_saved_state_bounds_the_gradient_error(seed, fused):
     the bound is 4 * 2**-8 of each tensor's largest value."""
     name, device = fused
     net = random_net(20, 2, 10.0, 0.3)
-    problem = _problem(net, [500], torch.Generator().manual_seed(seed))
-    exact = _unroll_grads(net, name, *problem, device)
-    rounded = _unroll_grads(net, name, *problem, device, saved_state_dtype=torch.bfloat16)
+    problem = unroll_problem(net, [500], torch.Generator().manual_seed(seed))
+    exact = unroll_grads(net, name, *problem, device)
+    rounded = unroll_grads(net, name, *problem, device, saved_state_dtype=torch.bfloat16)
     for a, b in zip(rounded, exact):
         assert (a - b).abs().max() <= 4 * 2**-8 * b.abs().max()
 

@@ -9,7 +9,7 @@ from l2l_fused import L2LOptimizer
 from l2l_fused.ops import interface, precision
 from l2l_fused.ops.layout import NetShape
 from helpers import (CASES, F32_TOL, TANH_APPROX, assert_within, backend_or_skip, check_step, group_inputs,
-                     random_net, random_state, reference64)
+                     random_net, random_state, reference64, unrolled_meta_gradients)
 
 
 @pytest.fixture
@@ -192,3 +192,40 @@ def test_optimizer_precision_option_reaches_the_kernel(seed, kernel_device, matm
         results[label] = p.detach().clone()
     assert torch.equal(results["fast"], results["high"])
     assert not torch.equal(results["fast"], results["exact"])
+
+
+# Fast-mode weight gradients and adjoints: each unrolled step and layer perturbs what flows through it at
+# a handful of sites, each relatively: the forward's product (1.5·2⁻¹⁰: a truncated, b rounded), five
+# tanh.approx activations (≤ 2⁻¹¹ each: σ = ½ + ½·tanh halves it), the adjoint's product dZ·Wᵀ (1.5·2⁻¹⁰)
+# and the weight gradient's aᵀ·dZ (2·2⁻¹⁰, both truncated): ≤ 7.5·2⁻¹⁰ per step and layer, 3·L of them on
+# the longest chain of a 3-step unroll. Relative to each gradient's largest value (sums with cancellation
+# are held to the same absolute bound), plus the float32 test's allowance. A wrong gate scale, tile or
+# transposed tile errs by O(1) and fails it.
+FAST_SITES_PER_LAYER_STEP = 7.5 * 2.0**-10
+
+
+@pytest.mark.parametrize("preprocess_p,num_layers", [(10.0, 2), (None, 1), (10.0, 3)])
+def test_fast_meta_gradient_is_within_its_derived_bound(seed, kernel_device, preprocess_p, num_layers):
+    backend_or_skip("triton", kernel_device.type)
+    net = random_net(20, num_layers, preprocess_p, 0.3)
+    bound = 3 * num_layers * FAST_SITES_PER_LAYER_STEP
+    for what, a, b, t in zip(*unrolled_meta_gradients(net, "triton", kernel_device, seed, precision="fast")):
+        scale = b.abs().max().item()
+        err = (a.cpu().double() - b).abs().max().item()
+        err_torch = (t.double() - b).abs().max().item()
+        assert err <= 2 * err_torch + (1e-5 + bound) * scale, f"{what}: {err / scale:.3g} of its largest value"
+
+
+def test_tiles_map_back_to_packed_weights(seed, kernel_device):
+    """The backward returns weight gradients in the tiles' layout: packed_from_tiles must invert
+    operand_tiles (and the padded head) exactly, for a net whose H pads (5 → 16) and one that does not."""
+    forward = _triton(kernel_device)
+
+    for net in (random_net(20, 3, 10.0, 0.1), random_net(5, 2, None, 0.1)):
+        shape = NetShape.of(net)
+        weights = net.kernel_weights("cpu")
+        HP = forward.padded(shape.hidden)
+        head = weights[shape.layer_offset(shape.layers):]
+        flat = torch.cat([t.reshape(-1) for t in forward.operand_tiles(weights, shape)]
+                         + [torch.nn.functional.pad(head[:-1], (0, HP - shape.hidden)), head[-1:]])
+        assert torch.equal(forward.packed_from_tiles(flat, shape), weights)

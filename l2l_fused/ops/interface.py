@@ -55,11 +55,14 @@ class FusedStep(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, ops, theta, grad, h, c, weights, shape, saved_state_dtype, precision):
-        outputs = ops.forward(theta, grad, h, c, weights, shape, precision)
+    def forward(ctx, ops, theta, grad, h, c, weights, kernel_weights, shape, saved_state_dtype, precision):
+        # ``weights`` (packed by differentiable operations) takes the gradient; the kernels read
+        # ``kernel_weights``, the same values as the net's cached copy, one tensor across the unrolled steps
+        # (a backend can keep what it derives from it).
+        outputs = ops.forward(theta, grad, h, c, kernel_weights, shape, precision)
         if saved_state_dtype is not None and saved_state_dtype != h.dtype:
             h, c = h.to(saved_state_dtype), c.to(saved_state_dtype)
-        ctx.save_for_backward(grad, h, c, weights)
+        ctx.save_for_backward(grad, h, c, kernel_weights)
         ctx.ops, ctx.shape, ctx.precision = ops, shape, precision
         return outputs
 
@@ -69,7 +72,7 @@ class FusedStep(torch.autograd.Function):
         dh, dc, dweights = ctx.ops.backward(grad, h, c, dtheta.contiguous(), dh_next.contiguous(),
                                             dc_next.contiguous(), weights, ctx.shape, ctx.precision)
         dtheta = dtheta if ctx.needs_input_grad[1] else None
-        return None, dtheta, None, dh, dc, dweights, None, None, None
+        return None, dtheta, None, dh, dc, dweights, None, None, None, None
 
 
 class Ops(NamedTuple):
@@ -121,7 +124,8 @@ class Backend:
                 raise ValueError(f"saved_state_dtype needs a fused backend: autograd through {self.name} keeps every gate")
             return ops.forward(theta, grad, h, c, pack(net), shape, precision)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (theta, h, c, *net.parameters())):
-            return FusedStep.apply(ops, theta, grad, h, c, pack(net), shape, saved_state_dtype, precision)
+            return FusedStep.apply(ops, theta, grad, h, c, pack(net), net.kernel_weights(theta.device), shape,
+                                   saved_state_dtype, precision)
         with torch.no_grad():
             return ops.forward(theta, grad, h, c, net.kernel_weights(theta.device), shape, precision)
 

@@ -1,4 +1,4 @@
-"""The fused backward of the step (docs/spec.md §2) in Triton.
+"""The fused backward of the step (docs/spec.md §2) in Triton, in both arithmetic modes.
 
 Reads top to bottom: the kernel → its launcher, :func:`backward`, the entry point that
 :class:`~l2l_fused.ops.interface.FusedStep` runs. That Function saves only what the step read (∇ and the
@@ -6,13 +6,21 @@ incoming state), never a gate: this kernel recomputes the gates of each layer fr
 unrolled step costs 324 B per coordinate in float32 (164 B with bfloat16 saving) where autograd through
 ``nn.LSTMCell`` keeps every gate of every layer, kilobytes.
 
-Weight gradients are sums over all coordinates, in φ's packed layout (:mod:`l2l_fused.ops.layout`). They are
-reduced deterministically: a fixed number of programs (``BACKWARD_PROGRAMS``, whatever the GPU) each walk
-their own blocks in a fixed order and add into their own row of a ``[programs, packed size]`` buffer, with
-plain loads and stores (a row has one owner, and at ~5k floats it stays in L2); one ``sum`` over the rows
-finishes. Atomic adds into a single row instead would give every block ~5k atomics on the same ~5k
-addresses (800M serialized read-modify-writes at 10M coordinates) and an order, hence a rounding, that
-changes from run to run.
+A program walks its blocks top layer first. The top layer is evaluated once and differentiated at once
+(its gates never leave registers); each layer below is evaluated again from the saved state: for the
+paper's two layers, three layer evaluations per block (the bottom one twice), not the five of evaluating
+every layer's input from the bottom. The dots are the forward's (:mod:`~l2l_fused.ops.triton.forward`):
+per operand one over all four gates, against host-made tiles; the backward adds, per operand, the
+transposed tile for the input adjoints (``dZ · Wᵀ``) and the weight gradient ``operandᵀ · dZ``. The
+bias is the weight of the operands' constant column, so its gradient comes out of the same dot.
+
+Weight gradients are sums over all coordinates. They are reduced deterministically: a fixed number of
+programs (``BACKWARD_PROGRAMS`` on a GPU, whatever the GPU) each walk their own blocks in a fixed order
+and accumulate into their own row of a ``[programs, row]`` buffer, laid out as the tiles are (the dots
+accumulate into it: plain loads and stores, a row has one owner and at ~12k floats stays in L2); one
+``sum`` over the rows finishes, and :func:`~l2l_fused.ops.triton.forward.packed_from_tiles` maps it to
+φ's layout. Atomic adds into a single row instead would serialise ~12k read-modify-writes per block on
+the same addresses (~2·10⁸ at 1M coordinates) in an order, hence a rounding, that changes from run to run.
 """
 
 from __future__ import annotations
@@ -27,169 +35,224 @@ from torch import Tensor
 
 from ..constants import BACKWARD_PROGRAMS
 from ..layout import NetShape
-from .forward import check_weights, padded
-from .math import _features, _gates, _layer_step, _layer_weights, _tanh
+from ..precision import resolve
+from .forward import (INTERPRETER_PROGRAMS, META_TABLE, _activate, _bottom_operand, _cell_tanh, _gate_preacts, _layer,
+                      _load_state, _store_state, _tile_dot, check_weights, operand_tiles, packed_from_tiles, padded,
+                      split_tf32, tensor_core_weights, vector_units)
+from .forward import kernel_constants as forward_constants
+from .math import _dot_data, _features, _join_gates
 
 BLOCK_N = 64  # coordinates per block
 NUM_WARPS = 4
-# No software pipelining of the loop over blocks: it would keep num_stages copies of every tile the loop
-# loads in shared memory (527 KB at H = 20, over the 227 KB a block may have), for loads whose latency
-# the recomputation already covers.
-NUM_STAGES = 1
-# tf32x3 splits each float32 operand into two tf32 halves and keeps three of the four products: the
-# products run on tensor cores with an error near float32's.
-DOT_PRECISION = "tf32x3"
+# Software pipelining per mode: in fast mode two stages let Triton copy the tiles straight into shared
+# memory (cp.async) instead of through registers, the scarcest resource here (the static model: 832 → 720
+# bytes of spills, 1.41 → 1.33 ms at 1M). The exact mode's tiles, twice as many, spill more that way.
+NUM_STAGES = {"fast": 2, "exact": 1}
 
 
 @triton.jit
-def _acc_tile(ptr, tile, H: tl.constexpr, HP: tl.constexpr):
-    """W[k, j] += tile[j, k] for j, k < H, where ``ptr`` is W[0, gate·H] of a layer's matrix (rows of 4H): a
-    gate's block of a weight gradient, computed as dzᵀ·input, stored transposed into the packed layout."""
-    j = tl.arange(0, HP)[:, None]
-    k = tl.arange(0, HP)[None, :]
-    mask = (j < H) & (k < H)
-    at = ptr + k * (4 * H) + j
-    tl.store(at, tl.load(at, mask=mask, other=0.0) + tile, mask=mask)
+def _acc_weight_grad(ptr, a, dz, K: tl.constexpr, N: tl.constexpr, STRIDE: tl.constexpr, EXACT: tl.constexpr,
+                     INF: tl.constexpr):
+    """``ptr[k, j] += Σ_n a[n, k]·dz[n, j]`` (row stride STRIDE): a block's share of a weight gradient, in
+    the tiles' layout. INF: ``a`` may hold ±inf."""
+    at = ptr + tl.arange(0, K)[:, None] * STRIDE + tl.arange(0, N)[None, :]
+    tl.store(at, _dot_data(tl.trans(a), dz, tl.load(at), EXACT, INF))
 
 
 @triton.jit
-def _acc_vec(ptr, vec, H: tl.constexpr, HP: tl.constexpr, STRIDE: tl.constexpr):
-    j = tl.arange(0, HP)
-    at = ptr + j * STRIDE
-    tl.store(at, tl.load(at, mask=j < H, other=0.0) + vec, mask=j < H)
-
-@triton.jit
-def _w_rows(w_ptr, ROW0: tl.constexpr, gate: tl.constexpr, H: tl.constexpr, HP: tl.constexpr):
-    """W[ROW0 + k, gate·H + j] of a layer's matrix as a [HP, HP] tile (j rows, k columns), zero outside
-    j, k < H: the weights from H inputs starting at row ROW0 (x at 0, h at n_x) into one gate."""
-    j = tl.arange(0, HP)[:, None]
-    k = tl.arange(0, HP)[None, :]
-    return tl.load(w_ptr + (ROW0 + k) * (4 * H) + gate * H + j, mask=(j < H) & (k < H), other=0.0)
-
-
-@triton.jit
-def _layer_input(x0, x1, h_ptr, c_ptr, w_ptr, state_offs, state_mask, layer_stride, UPTO: tl.constexpr,
-                 IN: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, BLOCK_N: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
-    """h' of layer UPTO - 1 (the input of layer UPTO), recomputed from the saved state."""
-    x = tl.zeros([BLOCK_N, HP], dtype=tl.float32)
-    for layer in tl.static_range(UPTO):
-        _, x = _layer_step(x, x0, x1, h_ptr, c_ptr, layer * layer_stride + state_offs, state_mask, w_ptr, layer, IN, H,
-                           HP, DOT_PRECISION)
-    return x
-
-@triton.jit
-def _acc_gate(base, gate: tl.constexpr, dz, x, x0, x1, h, FIRST: tl.constexpr, IN: tl.constexpr,
-              H: tl.constexpr, HP: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One gate's share of a block's weight gradients, added into this program's row at ``base``, the
-    layer's matrix in the packed layout: dW[k, gate·H + j] += Σ_n input_k dz_j over inputs (x, h, 1)."""
-    N_X: tl.constexpr = IN if FIRST else H
-    if FIRST:  # one or two input features: sums, no dot
-        _acc_vec(base + gate * H, tl.sum(dz * x0[:, None], axis=0), H, HP, 1)
-        if N_X == 2:
-            _acc_vec(base + 4 * H + gate * H, tl.sum(dz * x1[:, None], axis=0), H, HP, 1)
+def _operand_backward(p_ptr, tt_ptr, a, K: tl.constexpr, dz_i, dz_f, dz_g, dz_o, BLOCK_N: tl.constexpr,
+                      HP: tl.constexpr, PER_GATE: tl.constexpr, EXACT: tl.constexpr, INF: tl.constexpr):
+    """One operand's share of a layer's backward: its weight gradient added at ``p_ptr`` (``[K, 4·HP]``),
+    and its adjoint ``dZ · Wᵀ`` ``[BLOCK_N, K]`` from the transposed tile at ``tt_ptr`` (``[4·HP, K]``, hi
+    then lo); per gate where the forward's dots are (PER_GATE)."""
+    rows = tl.arange(0, HP)[:, None] * K + tl.arange(0, K)[None, :]  # a gate's rows of the transposed tile
+    LO: tl.constexpr = 4 * HP * K
+    if PER_GATE:
+        _acc_weight_grad(p_ptr, a, dz_i, K, HP, 4 * HP, EXACT, INF)
+        _acc_weight_grad(p_ptr + HP, a, dz_f, K, HP, 4 * HP, EXACT, INF)
+        _acc_weight_grad(p_ptr + 2 * HP, a, dz_g, K, HP, 4 * HP, EXACT, INF)
+        _acc_weight_grad(p_ptr + 3 * HP, a, dz_o, K, HP, 4 * HP, EXACT, INF)
+        d = _tile_dot(dz_i, tt_ptr + rows, LO, EXACT, False, tl.zeros([BLOCK_N, K], dtype=tl.float32))
+        d = _tile_dot(dz_f, tt_ptr + HP * K + rows, LO, EXACT, False, d)
+        d = _tile_dot(dz_g, tt_ptr + 2 * HP * K + rows, LO, EXACT, False, d)
+        d = _tile_dot(dz_o, tt_ptr + 3 * HP * K + rows, LO, EXACT, False, d)
     else:
-        _acc_tile(base + gate * H, tl.dot(tl.trans(dz), x, input_precision=DOT_PRECISION), H, HP)
-    _acc_tile(base + N_X * 4 * H + gate * H, tl.dot(tl.trans(dz), h, input_precision=DOT_PRECISION), H, HP)
-    _acc_vec(base + (N_X + H) * 4 * H + gate * H, tl.sum(dz, axis=0), H, HP, 1)
+        dz = _join_gates(dz_i, dz_f, dz_g, dz_o, BLOCK_N, HP)
+        _acc_weight_grad(p_ptr, a, dz, K, 4 * HP, 4 * HP, EXACT, INF)
+        at = tt_ptr + tl.arange(0, 4 * HP)[:, None] * K + tl.arange(0, K)[None, :]
+        d = _tile_dot(dz, at, LO, EXACT, False, tl.zeros([BLOCK_N, K], dtype=tl.float32))
+    return d
 
 
 @triton.jit
 def _l2l_bwd_kernel(
-    grad_ptr, h_ptr, c_ptr, dtheta_ptr, dh_next_ptr, dc_next_ptr, dh_ptr, dc_ptr, partial_ptr,
-    w_ptr, n, num_blocks, output_scale, inv_p, threshold, exp_p,
-    L: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, IN: tl.constexpr, PREPROCESS: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW: tl.constexpr,
+    grad_ptr, h_ptr, c_ptr, dtheta_ptr, dh_next_ptr, dc_next_ptr, dh_ptr, dc_ptr, partial_ptr, tiles_ptr,
+    n_coords, num_blocks, output_scale, inv_p, threshold, exp_p,
+    L: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, G: tl.constexpr,
+    GA: tl.constexpr, IN: tl.constexpr, PREPROCESS: tl.constexpr, BLOCK_N: tl.constexpr, EXACT: tl.constexpr,
+    PER_GATE: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    part = partial_ptr + pid * ROW  # this program's row of partial sums, packed like φ (< 1024 * ~5k: int32)
-    k = tl.arange(0, HP)
-    w_out = tl.load(_layer_weights(w_ptr, L, IN, H) + k, mask=k < H, other=0.0)
-    head = _layer_weights(part, L, IN, H)  # dW_out, then db_out
-    layer_stride = n * H
-    for block in range(pid, num_blocks, tl.num_programs(0)):
-        offs = (block * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # int64: N*H can pass 2**31
-        mask = offs < n
-        x0, x1 = _features(tl.load(grad_ptr + offs, mask=mask, other=0.0), inv_p, threshold, exp_p, PREPROCESS)
-        state_offs = offs[:, None] * H + k[None, :]
-        state_mask = mask[:, None] & (k[None, :] < H)
+    # Tiles (tensor_core_weights; the transposed ones are as large): layer 0's [h | x | 1], then per upper
+    # layer x and [h | 1]; hi then lo in exact mode. This program's partial row: the same matrices, one
+    # part each, then the head's w_out (HP) and b_out.
+    PARTS: tl.constexpr = 2 if EXACT else 1
+    UPPER: tl.constexpr = K0 * 4 * HP * PARTS
+    PER_LAYER: tl.constexpr = (HP + K1) * 4 * HP * PARTS
+    P_UPPER: tl.constexpr = K0 * 4 * HP
+    P_LAYER: tl.constexpr = (HP + K1) * 4 * HP
+    ROW: tl.constexpr = P_UPPER + (L - 1) * P_LAYER + HP + 1
+    part = partial_ptr + tl.program_id(0) * ROW
+    kx = tl.arange(0, HP)
+    k1 = tl.arange(0, K1)
+    n = tl.arange(0, BLOCK_N)
+    t_ptr = tl.multiple_of(tl.load(tiles_ptr).to(tl.pointer_type(tl.float32)), 16)
+    w_out = tl.load(t_ptr + UPPER + (L - 1) * PER_LAYER + kx)
+    d_w_out = tl.zeros([HP], dtype=tl.float32)  # the head's gradients, written once at the end
+    d_b_out = tl.zeros([BLOCK_N], dtype=tl.float32)
+    layer_stride = tl.cast(n_coords, tl.int64) * H
+    if ALIGNED:  # the launcher checked: 16-byte aligned state and adjoints, so groups of units vectorise
+        h_ptr, c_ptr = tl.multiple_of(h_ptr, 16), tl.multiple_of(c_ptr, 16)
+        dh_next_ptr, dc_next_ptr = tl.multiple_of(dh_next_ptr, 16), tl.multiple_of(dc_next_ptr, 16)
+        dh_ptr, dc_ptr = tl.multiple_of(dh_ptr, 16), tl.multiple_of(dc_ptr, 16)
 
-        # head: Δ = s (w_out · h'_L + b_out); rows past n load zero adjoints and contribute nothing
-        du = output_scale * tl.load(dtheta_ptr + offs, mask=mask, other=0.0)
-        top = _layer_input(x0, x1, h_ptr, c_ptr, w_ptr, state_offs, state_mask, layer_stride, L, IN, H, HP,
-                           BLOCK_N, DOT_PRECISION)
-        _acc_vec(head, tl.sum(du[:, None] * top, axis=0), H, HP, 1)
-        tl.store(head + H, tl.load(head + H) + tl.sum(du, axis=0))
-        dh = tl.load(dh_next_ptr + (L - 1) * layer_stride + state_offs, mask=state_mask, other=0.0) \
-            + du[:, None] * w_out[None, :]
+    for block in range(tl.program_id(0), num_blocks, tl.num_programs(0)):
+        start = tl.cast(block, tl.int64) * BLOCK_N  # int64: N·H can pass 2**31
+        # The tiles' addresses, read again at each block (the stores below may alias them, so the compiler
+        # cannot hoist the loads): otherwise it computes every tile element's address once, before the
+        # loop, and keeps them all, ~16 registers per tile, across it, and spills.
+        t_ptr = tl.multiple_of(tl.load(tiles_ptr).to(tl.pointer_type(tl.float32)), 16)
+        tt_ptr = tl.multiple_of(tl.load(tiles_ptr + 1).to(tl.pointer_type(tl.float32)), 16)
+        mask = n < n_coords - start
+        h_in, c_in = h_ptr + start * H, c_ptr + start * H
+        x0, x1 = _features(tl.load(grad_ptr + start + n, mask=mask, other=0.0), inv_p, threshold, exp_p, PREPROCESS)
+        # rows past n load zero adjoints: dZ = 0 there, so they add nothing to the weight gradients
+        du = output_scale * tl.load(dtheta_ptr + start + n, mask=mask, other=0.0)
+        d_b_out += du
+        dx = tl.zeros([BLOCK_N, HP], dtype=tl.float32)  # adjoint of this layer's h' from the layer above
 
         for layer in tl.static_range(L - 1, -1, -1):
-            w_layer = _layer_weights(w_ptr, layer, IN, H)
-            base = _layer_weights(part, layer, IN, H)
-            at = layer * layer_stride + state_offs
-            x = _layer_input(x0, x1, h_ptr, c_ptr, w_ptr, state_offs, state_mask, layer_stride, layer, IN, H,
-                             HP, BLOCK_N, DOT_PRECISION)
-            h = tl.load(h_ptr + at, mask=state_mask, other=0.0).to(tl.float32)
-            c = tl.load(c_ptr + at, mask=state_mask, other=0.0).to(tl.float32)
-            i, f, g, o = _gates(x, x0, x1, h, w_layer, layer == 0, IN, H, HP, DOT_PRECISION)
-            tc = _tanh(f * c + i * g)
-            dc = tl.load(dc_next_ptr + at, mask=state_mask, other=0.0) + dh * o * (1.0 - tc * tc)
-            tl.store(dc_ptr + at, dc * f, mask=state_mask)
+            at = layer * layer_stride + start * H
+            if layer == 0:
+                a = _bottom_operand(h_in, n, mask, x0, x1, K0, H, G, IN)
+                zi, zf, zg, zo = _gate_preacts(a, t_ptr, K0, a, t_ptr, K0, False, BLOCK_N, HP, PER_GATE, EXACT, True)
+            else:
+                # this layer's input, h' of the layer below, evaluated from the bottom
+                a0 = _bottom_operand(h_in, n, mask, x0, x1, K0, H, G, IN)
+                x = _layer(a0, t_ptr, K0, a0, t_ptr, K0, False, _load_state(c_in, n, mask, HP, H, G), BLOCK_N, HP,
+                           PER_GATE, EXACT, True)[1]
+                for below in tl.static_range(1, layer):
+                    tiles = t_ptr + UPPER + (below - 1) * PER_LAYER
+                    hb = tl.where(k1[None, :] == H, 1.0, _load_state(h_in + below * layer_stride, n, mask, K1, H, G))
+                    x = _layer(x, tiles, HP, hb, tiles + HP * 4 * HP * PARTS, K1, True,
+                               _load_state(c_in + below * layer_stride, n, mask, HP, H, G), BLOCK_N, HP, PER_GATE,
+                               EXACT, False)[1]
+                tiles = t_ptr + UPPER + (layer - 1) * PER_LAYER
+                b = tl.where(k1[None, :] == H, 1.0, _load_state(h_in + layer * layer_stride, n, mask, K1, H, G))
+                zi, zf, zg, zo = _gate_preacts(x, tiles, HP, b, tiles + HP * 4 * HP * PARTS, K1, True, BLOCK_N, HP,
+                                               PER_GATE, EXACT, False)
+            i, f, g, o = _activate(zi, zf, zg, zo, EXACT)
+            c = _load_state(c_in + layer * layer_stride, n, mask, HP, H, G)
+            c_new = f * c + i * g
+            tc = _cell_tanh(c_new, EXACT)
+            dh = _load_state(dh_next_ptr + at, n, mask, HP, H, GA) + dx
+            if layer == L - 1:  # the head: Δ = s (w_out · h' + b_out)
+                d_w_out += tl.sum(du[:, None] * (o * tc), axis=0)
+                dh += du[:, None] * w_out[None, :]
+            dc = _load_state(dc_next_ptr + at, n, mask, HP, H, GA) + dh * o * (1.0 - tc * tc)
+            _store_state(dc_ptr + at, n, mask, dc * f, HP, H, GA)
             dz_i = dc * g * i * (1.0 - i)
             dz_f = dc * c * f * (1.0 - f)
             dz_g = dc * i * (1.0 - g * g)
             dz_o = dh * tc * o * (1.0 - o)
+            if layer == 0:
+                d = _operand_backward(part, tt_ptr, a, K0, dz_i, dz_f, dz_g, dz_o, BLOCK_N, HP, PER_GATE, EXACT, True)
+                _store_state(dh_ptr + at, n, mask, d, K0, H, GA)  # the operand's first H columns: h
+            else:
+                p = part + P_UPPER + (layer - 1) * P_LAYER
+                tt = tt_ptr + UPPER + (layer - 1) * PER_LAYER
+                d = _operand_backward(p + HP * 4 * HP, tt + HP * 4 * HP * PARTS, b, K1, dz_i, dz_f, dz_g, dz_o,
+                                      BLOCK_N, HP, PER_GATE, EXACT, False)
+                _store_state(dh_ptr + at, n, mask, d, K1, H, GA)
+                dx = _operand_backward(p, tt, x, HP, dz_i, dz_f, dz_g, dz_o, BLOCK_N, HP, PER_GATE, EXACT, False)
 
-            # dW_ih += dz ⊗ x, dW_hh += dz ⊗ h, db += dz, summed over the block
-            _acc_gate(base, 0, dz_i, x, x0, x1, h, layer == 0, IN, H, HP, DOT_PRECISION)
-            _acc_gate(base, 1, dz_f, x, x0, x1, h, layer == 0, IN, H, HP, DOT_PRECISION)
-            _acc_gate(base, 2, dz_g, x, x0, x1, h, layer == 0, IN, H, HP, DOT_PRECISION)
-            _acc_gate(base, 3, dz_o, x, x0, x1, h, layer == 0, IN, H, HP, DOT_PRECISION)
-
-            # dh(out) = W_hhᵀ dz; the layer below receives W_ihᵀ dz on top of its incoming adjoint
-            dh_prev = tl.dot(dz_i, _w_rows(w_layer, IN if layer == 0 else H, 0, H, HP), input_precision=DOT_PRECISION)
-            dh_prev = tl.dot(dz_f, _w_rows(w_layer, IN if layer == 0 else H, 1, H, HP), dh_prev, input_precision=DOT_PRECISION)
-            dh_prev = tl.dot(dz_g, _w_rows(w_layer, IN if layer == 0 else H, 2, H, HP), dh_prev, input_precision=DOT_PRECISION)
-            dh_prev = tl.dot(dz_o, _w_rows(w_layer, IN if layer == 0 else H, 3, H, HP), dh_prev, input_precision=DOT_PRECISION)
-            tl.store(dh_ptr + at, dh_prev, mask=state_mask)
-            if layer > 0:
-                below = (layer - 1) * layer_stride + state_offs
-                dh = tl.load(dh_next_ptr + below, mask=state_mask, other=0.0)
-                dh = tl.dot(dz_i, _w_rows(w_layer, 0, 0, H, HP), dh, input_precision=DOT_PRECISION)
-                dh = tl.dot(dz_f, _w_rows(w_layer, 0, 1, H, HP), dh, input_precision=DOT_PRECISION)
-                dh = tl.dot(dz_g, _w_rows(w_layer, 0, 2, H, HP), dh, input_precision=DOT_PRECISION)
-                dh = tl.dot(dz_o, _w_rows(w_layer, 0, 3, H, HP), dh, input_precision=DOT_PRECISION)
+    head = part + P_UPPER + (L - 1) * P_LAYER
+    tl.store(head + kx, d_w_out)
+    tl.store(head + HP, tl.sum(d_b_out, axis=0))
 
 
 # -------------------------------------------------------------------------------------------- launcher
 
-def backward(grad: Tensor, h: Tensor, c: Tensor, dtheta: Tensor, dh_next: Tensor, dc_next: Tensor, weights: Tensor,
-             shape: NetShape, precision: Optional[str] = None, block_n: int = BLOCK_N) -> tuple[Tensor, Tensor, Tensor]:
-    """Adjoints of one step: ``(dh, dc, dweights)`` from the saved ∇, h, c and the incoming adjoints, in
-    exact arithmetic whatever ``precision``: this kernel has no fast path yet.
+def transposed_weights(weights: Tensor, shape: NetShape, precision: str) -> Tensor:
+    """The backward's tiles for the input adjoints: each of :func:`~.forward.operand_tiles` transposed,
+    ``[4·HP, K]``, without the forward's gate pre-scales (the adjoints are of the true pre-activations),
+    TF32-split like the forward's."""
+    return torch.cat(split_tf32([t.t().contiguous() for t in operand_tiles(weights, shape)], precision))
 
-    ``grad`` and ``dtheta`` are flat [N]; ``h``, ``c`` (float32 or bfloat16), ``dh_next``, ``dc_next``
-    are [L, N, H]; ``dweights`` is packed like ``weights``.
+
+def backward_tiles(weights: Tensor, shape: NetShape, precision: str) -> tuple[Tensor, Tensor]:
+    """``(tiles, addresses)``: the forward's tiles (:func:`~.forward.tensor_core_weights`) and
+    :func:`transposed_weights` in one tensor, and an int64 pair of where each starts, which the kernel reads."""
+    forward = tensor_core_weights(weights, shape, precision)
+    forward = torch.nn.functional.pad(forward, (0, -forward.numel() % 4))  # the second part 16-byte aligned too
+    tiles = torch.cat([forward, transposed_weights(weights, shape, precision)])
+    base = tiles.data_ptr()
+    addresses = torch.tensor([base, base + forward.numel() * tiles.element_size()], dtype=torch.int64)
+    return tiles, addresses.to(tiles.device)
+
+
+def partial_row(shape: NetShape) -> int:
+    """Floats in a program's row of weight-gradient partial sums (the kernel's ROW)."""
+    H, HP, IN = shape.hidden, padded(shape.hidden), shape.features
+    K0, K1 = padded(H + IN + 1), padded(H + 1)
+    return K0 * 4 * HP + (shape.layers - 1) * (HP + K1) * 4 * HP + HP + 1
+
+
+def kernel_constants(shape: NetShape, state_dtype: torch.dtype, precision: str, block_n: int = BLOCK_N) -> dict:
+    """The constexprs of a backward launch that follow from the net, the saved state's dtype and the mode."""
+    forward = forward_constants(shape, state_dtype, precision, block_n)
+    return {**{k: forward[k] for k in ("L", "H", "HP", "K0", "K1", "G", "IN", "PREPROCESS", "BLOCK_N", "EXACT",
+                                       "PER_GATE")},
+            "GA": vector_units(shape.hidden, torch.float32)}
+
+
+def backward(grad: Tensor, h: Tensor, c: Tensor, dtheta: Tensor, dh_next: Tensor, dc_next: Tensor, weights: Tensor,
+             shape: NetShape, precision: Optional[str] = None, block_n: Optional[int] = None,
+             num_warps: Optional[int] = None, programs: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Adjoints of one step: ``(dh, dc, dweights)`` from the saved ∇, h, c and the incoming adjoints, in
+    ``precision`` (None: :func:`~l2l_fused.ops.precision.resolve`).
+
+    ``grad`` and ``dtheta`` are flat float32 [N]; ``h``, ``c`` (float32 or bfloat16), ``dh_next``,
+    ``dc_next`` (float32) are [L, N, H]; ``dweights`` is packed like ``weights``. ``block_n``,
+    ``num_warps`` and ``programs`` override the launch (the same ``programs`` gives the same bits).
     """
+    precision = resolve(precision)
     device = grad.device
     check_weights(weights, shape, device)
     n = grad.numel()
     state = (shape.layers, n, shape.hidden)
-    for name, t in (("h", h), ("c", c), ("dh_next", dh_next), ("dc_next", dc_next)):
-        if tuple(t.shape) != state or not t.is_contiguous() or t.device != device:
-            raise ValueError(f"{name} must be contiguous {list(state)} on {device}, got {list(t.shape)}")
+    for name, t in (("grad", grad), ("dtheta", dtheta)):
+        if t.shape != (n,) or t.dtype != torch.float32 or t.device != device:
+            raise ValueError(f"{name} must be float32 [{n}] on {device}, got {t.dtype} {list(t.shape)} on {t.device}")
+    for name, t, dtypes in (("h", h, (torch.float32, torch.bfloat16)), ("c", c, (h.dtype,)),
+                            ("dh_next", dh_next, (torch.float32,)), ("dc_next", dc_next, (torch.float32,))):
+        if tuple(t.shape) != state or not t.is_contiguous() or t.device != device or t.dtype not in dtypes:
+            raise ValueError(f"{name} must be contiguous {[str(d) for d in dtypes]} {list(state)} on {device}, "
+                             f"got {t.dtype} {list(t.shape)} on {t.device}")
+    block_n, num_warps = block_n or BLOCK_N, num_warps or NUM_WARPS
     num_blocks = triton.cdiv(n, block_n)
-    programs = max(1, min(num_blocks, BACKWARD_PROGRAMS))
-    partial = torch.zeros(programs, shape.packed_size, device=device, dtype=torch.float32)
+    programs = max(1, min(num_blocks, programs or (BACKWARD_PROGRAMS if device.type == "cuda" else INTERPRETER_PROGRAMS)))
+    partial = torch.zeros(programs, partial_row(shape), device=device, dtype=torch.float32)
     dh = torch.empty(state, device=device, dtype=torch.float32)
     dc = torch.empty(state, device=device, dtype=torch.float32)
     if n:
+        tiles = META_TABLE.derived(weights, ("backward", precision), lambda: backward_tiles(weights, shape, precision))
         p = 1.0 if shape.preprocess_p is None else float(shape.preprocess_p)
         _l2l_bwd_kernel[(programs,)](
-            grad, h, c, dtheta, dh_next, dc_next, dh, dc, partial, weights, n, num_blocks,
+            grad, h, c, dtheta, dh_next, dc_next, dh, dc, partial, tiles[1], n, num_blocks,
             float(shape.output_scale), 1.0 / p, math.exp(-p), math.exp(p),
-            L=shape.layers, H=shape.hidden, HP=padded(shape.hidden), IN=shape.features,
-            PREPROCESS=shape.preprocess_p is not None, BLOCK_N=block_n, DOT_PRECISION=DOT_PRECISION,
-            ROW=shape.packed_size, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+            **kernel_constants(shape, h.dtype, precision, block_n),
+            ALIGNED=all(t.data_ptr() % 16 == 0 for t in (h, c, dh_next, dc_next, dh, dc)),
+            num_warps=num_warps, num_stages=NUM_STAGES[precision],
         )
-    return dh, dc, partial.sum(0)  # the second, deterministic, stage of the reduction
+    # the second, deterministic, stage of the reduction
+    return dh, dc, packed_from_tiles(partial.sum(0), shape)

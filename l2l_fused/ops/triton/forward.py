@@ -47,6 +47,11 @@ PROGRAMS_PER_SM = 4
 # the loop over blocks.
 INTERPRETER_PROGRAMS = 2
 
+# Meta-training's launches (the out-of-place forward and the backward) keep φ's tiles here across
+# unrolled steps: the net's kernel_weights is one tensor until a weight changes, so an unrolled step
+# launches no kernel to make them. (Their launch tables, new outputs at every step, are made each time.)
+META_TABLE = LaunchTable()
+
 # The launch table's columns, as the kernel reads them (a jitted function sees only constexpr globals).
 COLUMNS = tl.constexpr(len(COLUMN))
 THETA_IN, THETA_OUT, GRAD = (tl.constexpr(COLUMN[name]) for name in ("theta_in", "theta_out", "grad"))
@@ -77,28 +82,35 @@ def _store_state(ptr, n, mask, x, K: tl.constexpr, H: tl.constexpr, G: tl.conste
 
 
 @triton.jit
-def _preact(a, t_ptr, K: tl.constexpr, HP: tl.constexpr, first: tl.constexpr, N: tl.constexpr, EXACT: tl.constexpr,
-            INF: tl.constexpr, acc):
-    """acc + a · columns [first, first + N) of the operand tile ``[K, 4·HP]`` at ``t_ptr``
-    (:func:`tensor_core_weights`: hi, then lo in exact mode). The tile is read from L1/L2 at every block
-    (Triton stages it into shared memory for the tensor cores): held in registers across the loop, it
-    would leave too few for the block."""
-    at = t_ptr + tl.arange(0, K)[:, None] * (4 * HP) + first + tl.arange(0, N)[None, :]
+def _tile_dot(a, at, LO: tl.constexpr, EXACT: tl.constexpr, INF: tl.constexpr, acc):
+    """acc + a · the block of a host-made operand tile at pointers ``at`` ``[K, N]``: its hi part, and in
+    exact mode its lo part, LO elements further. Read from L1/L2 at every block (Triton stages it into
+    shared memory for the tensor cores): held in registers across the loop, it would leave too few for the
+    block."""
     hi = tl.load(at)
     if EXACT:
-        lo = tl.load(at + K * 4 * HP)
+        lo = tl.load(at + LO)
     else:
         lo = hi
     return _dot_tf32(a, hi, lo, acc, EXACT, INF)
 
 
 @triton.jit
-def _layer(a, t_a, K_A: tl.constexpr, b, t_b, K_B: tl.constexpr, TWO: tl.constexpr, c, BLOCK_N: tl.constexpr,
-           HP: tl.constexpr, PER_GATE: tl.constexpr, EXACT: tl.constexpr, INF: tl.constexpr):
-    """(c', h') of one layer from its operands: ``a`` against the tile at ``t_a``, and (if TWO) ``b`` against
-    ``t_b``. One dot per operand over all four gates (N = 4·HP), split in registers; or, where such tiles
-    would not fit in shared memory (PER_GATE), one per gate. INF: ``a`` may hold ±inf. Padded units have
-    z = 0: i = f = o = ½, g = 0, and c = 0, so c' = h' = 0 there."""
+def _preact(a, t_ptr, K: tl.constexpr, HP: tl.constexpr, first: tl.constexpr, N: tl.constexpr, EXACT: tl.constexpr,
+            INF: tl.constexpr, acc):
+    """acc + a · columns [first, first + N) of the operand tile ``[K, 4·HP]`` at ``t_ptr``
+    (:func:`tensor_core_weights`: hi, then lo in exact mode)."""
+    at = t_ptr + tl.arange(0, K)[:, None] * (4 * HP) + first + tl.arange(0, N)[None, :]
+    return _tile_dot(a, at, K * 4 * HP, EXACT, INF, acc)
+
+
+@triton.jit
+def _gate_preacts(a, t_a, K_A: tl.constexpr, b, t_b, K_B: tl.constexpr, TWO: tl.constexpr, BLOCK_N: tl.constexpr,
+                  HP: tl.constexpr, PER_GATE: tl.constexpr, EXACT: tl.constexpr, INF: tl.constexpr):
+    """A layer's pre-activations (i, f, g, o), each ``[BLOCK_N, HP]``, from its operands: ``a`` against the
+    tile at ``t_a``, and (if TWO) ``b`` against ``t_b``. One dot per operand over all four gates (N = 4·HP),
+    split in registers; or, where such tiles would not fit in shared memory (PER_GATE), one per gate. INF:
+    ``a`` may hold ±inf. Padded units get z = 0."""
     if PER_GATE:
         zero = tl.zeros([BLOCK_N, HP], dtype=tl.float32)
         zi = _preact(a, t_a, K_A, HP, 0, HP, EXACT, INF, zero)
@@ -115,14 +127,49 @@ def _layer(a, t_a, K_A: tl.constexpr, b, t_b, K_B: tl.constexpr, TWO: tl.constex
         if TWO:
             z = _preact(b, t_b, K_B, HP, 0, 4 * HP, EXACT, False, z)
         zi, zf, zg, zo = _split_gates(z, BLOCK_N, HP)
-    # The tiles' columns carry each gate's pre-scale (GATE_SCALES), so z arrives as the activation wants it.
+    return zi, zf, zg, zo
+
+
+@triton.jit
+def _layer(a, t_a, K_A: tl.constexpr, b, t_b, K_B: tl.constexpr, TWO: tl.constexpr, c, BLOCK_N: tl.constexpr,
+           HP: tl.constexpr, PER_GATE: tl.constexpr, EXACT: tl.constexpr, INF: tl.constexpr):
+    """(c', h') of one layer from its operands (:func:`_gate_preacts`). Padded units have z = 0:
+    i = f = o = ½, g = 0, and c = 0, so c' = h' = 0 there."""
+    zi, zf, zg, zo = _gate_preacts(a, t_a, K_A, b, t_b, K_B, TWO, BLOCK_N, HP, PER_GATE, EXACT, INF)
+    i, f, g, o = _activate(zi, zf, zg, zo, EXACT)
+    c = f * c + i * g
+    return c, o * _cell_tanh(c, EXACT)
+
+
+@triton.jit
+def _bottom_operand(h_ptr, n, mask, x0, x1, K0: tl.constexpr, H: tl.constexpr, G: tl.constexpr, IN: tl.constexpr):
+    """Layer 0's dot operand ``[h | x0 (x1) | 1]``, ``[BLOCK_N, K0]``, zero past it."""
+    k0 = tl.arange(0, K0)
+    a = tl.where(k0[None, :] == H, x0[:, None], _load_state(h_ptr, n, mask, K0, H, G))
+    if IN == 2:
+        a = tl.where(k0[None, :] == H + 1, x1[:, None], a)
+    return tl.where(k0[None, :] == H + IN, 1.0, a)
+
+
+@triton.jit
+def _activate(zi, zf, zg, zo, EXACT: tl.constexpr):
+    """(i, f, g, o) from pre-activations that carry their gate's pre-scale (the tiles' columns do,
+    :data:`GATE_SCALES`), so each arrives as its activation wants it."""
     if EXACT:  # σ(z) = 1 / (1 + 2^(−z·log₂e)), tanh(z) = 2 / (1 + 2^(−2z·log₂e)) − 1
-        c = _logistic2(zf) * c + _logistic2(zi) * (2.0 * _logistic2(zg) - 1.0)
-        h = _logistic2(zo) * _tanh(c)
+        i, f, g, o = _logistic2(zi), _logistic2(zf), 2.0 * _logistic2(zg) - 1.0, _logistic2(zo)
     else:  # σ(z) = ½ + ½·tanh(z/2)
-        c = (0.5 + 0.5 * _tanh_fast(zf)) * c + (0.5 + 0.5 * _tanh_fast(zi)) * _tanh_fast(zg)
-        h = (0.5 + 0.5 * _tanh_fast(zo)) * _tanh_fast(c)
-    return c, h
+        i, f = 0.5 + 0.5 * _tanh_fast(zi), 0.5 + 0.5 * _tanh_fast(zf)
+        g, o = _tanh_fast(zg), 0.5 + 0.5 * _tanh_fast(zo)
+    return i, f, g, o
+
+
+@triton.jit
+def _cell_tanh(c, EXACT: tl.constexpr):
+    if EXACT:
+        t = _tanh(c)
+    else:
+        t = _tanh_fast(c)
+    return t
 
 
 @triton.jit
@@ -141,7 +188,6 @@ def _l2l_fwd_kernel(
     UPPER: tl.constexpr = K0 * 4 * HP * PARTS
     PER_LAYER: tl.constexpr = (HP + K1) * 4 * HP * PARTS
     kx = tl.arange(0, HP)
-    k0 = tl.arange(0, K0)
     k1 = tl.arange(0, K1)
     n = tl.arange(0, BLOCK_N)
     head = t_ptr + UPPER + (L - 1) * PER_LAYER  # w_out [HP], b_out
@@ -194,11 +240,7 @@ def _l2l_fwd_kernel(
         x0, x1 = _features(grad, inv_p, threshold, exp_p, PREPROCESS)
 
         # layer 0: [h | x0 (x1) | 1] · W0
-        h = _load_state(h_in, n, mask, K0, H, G)
-        a = tl.where(k0[None, :] == H, x0[:, None], h)
-        if IN == 2:
-            a = tl.where(k0[None, :] == H + 1, x1[:, None], a)
-        a = tl.where(k0[None, :] == H + IN, 1.0, a)
+        a = _bottom_operand(h_in, n, mask, x0, x1, K0, H, G, IN)
         c = _load_state(c_in, n, mask, HP, H, G)
         c, x = _layer(a, t_ptr, K0, a, t_ptr, K0, False, c, BLOCK_N, HP, PER_GATE, EXACT, not GROUP_STEP)
         _store_state(h_out, n, keep, x, HP, H, G)
@@ -257,35 +299,70 @@ def round_tf32(t: Tensor) -> Tensor:
     return torch.where(t != t, t, rounded)
 
 
-def tensor_core_weights(weights: Tensor, shape: NetShape, precision: str) -> Tensor:
-    """φ as the forward kernel's dots take it: per operand a ``[K, 4·HP]`` tile, column gate·HP + unit (zero
-    for units ≥ H), rows zero-padded to K: layer 0's operand ``[h | x | 1]`` (K0 rows), then per upper layer
-    ``x`` (HP rows) and ``[h | 1]`` (K1 rows); each gate's columns times its pre-scale (:data:`GATE_SCALES`),
-    then TF32-split: hi (and, in exact mode, lo) part;
-    then the head, ``w_out`` padded to HP and ``b_out``. Made from packed φ (:mod:`l2l_fused.ops.layout`)
-    once per φ and precision (the launch table keeps it), so the kernel's tile loads are unmasked, aligned
-    and contiguous, and no program rounds a weight."""
-    H, HP, IN = shape.hidden, padded(shape.hidden), shape.features
-    constants = kernel_constants(shape, torch.float32, precision)
-    scales = weights.new_tensor(GATE_SCALES[precision]).view(1, 4, 1)
-
-    def tile(layer: int, rows: list[int], K: int) -> Tensor:
+def operand_tiles(weights: Tensor, shape: NetShape) -> list[Tensor]:
+    """φ per dot operand, as a ``[K, 4·HP]`` matrix, column gate·HP + unit (zero for units ≥ H), rows
+    zero-padded to K: layer 0's operand ``[h | x | 1]`` (K0 rows), then per upper layer ``x`` (HP rows)
+    and ``[h | 1]`` (K1 rows), from packed φ (:mod:`l2l_fused.ops.layout`); :func:`packed_from_tiles`
+    maps such matrices back."""
+    H, HP = shape.hidden, padded(shape.hidden)
+    tiles = []
+    for layer in range(shape.layers):
         start = shape.layer_offset(layer)
         matrix = weights[start:start + shape.rows(layer) * 4 * H].view(shape.rows(layer), 4, H)
-        out = weights.new_zeros(K, 4, HP)
-        out[:len(rows), :, :H] = matrix[rows] * scales
-        return out.reshape(K, 4 * HP)
+        for operand in range(1 if layer == 0 else 2):
+            rows = operand_rows(shape, layer, operand)
+            out = weights.new_zeros(padded(len(rows)), 4, HP)  # K rows: K0, HP or K1
+            out[:len(rows), :, :H] = matrix[rows]
+            tiles.append(out.reshape(-1, 4 * HP))
+    return tiles
 
-    tiles = [tile(0, [IN + k for k in range(H)] + list(range(IN)) + [IN + H], constants["K0"])]
-    for layer in range(1, shape.layers):
-        tiles += [tile(layer, list(range(H)), HP), tile(layer, [H + k for k in range(H)] + [2 * H], constants["K1"])]
+
+def operand_rows(shape: NetShape, layer: int, operand: int) -> list[int]:
+    """The rows of layer ``layer``'s packed matrix that its ``operand``-th dot operand holds, in order."""
+    H, IN = shape.hidden, shape.features
+    if layer == 0:
+        return [IN + k for k in range(H)] + list(range(IN)) + [IN + H]
+    return list(range(H)) if operand == 0 else [H + k for k in range(H)] + [2 * H]
+
+
+def packed_from_tiles(flat: Tensor, shape: NetShape) -> Tensor:
+    """Packed φ's layout (:mod:`l2l_fused.ops.layout`) of matrices laid out as :func:`operand_tiles` makes
+    them, one after another, then the head (``w_out`` padded to HP, ``b_out``): how the backward kernel
+    returns weight gradients."""
+    H, HP = shape.hidden, padded(shape.hidden)
+    out = flat.new_zeros(shape.packed_size)
+    at = 0
+    for layer in range(shape.layers):
+        start = shape.layer_offset(layer)
+        matrix = out[start:start + shape.rows(layer) * 4 * H].view(shape.rows(layer), 4, H)
+        for operand in range(1 if layer == 0 else 2):
+            rows = operand_rows(shape, layer, operand)
+            K = padded(len(rows))
+            matrix[rows] = flat[at:at + K * 4 * HP].view(K, 4, HP)[:len(rows), :, :H]
+            at += K * 4 * HP
+    out[shape.layer_offset(shape.layers):] = torch.cat([flat[at:at + H], flat[at + HP:at + HP + 1]])
+    return out
+
+
+def tensor_core_weights(weights: Tensor, shape: NetShape, precision: str) -> Tensor:
+    """φ as the forward kernel's dots take it: :func:`operand_tiles`, each gate's columns times its
+    pre-scale (:data:`GATE_SCALES`), then TF32-split: hi (and, in exact mode, lo) part; then the head,
+    ``w_out`` padded to HP and ``b_out``. Made once per φ and precision (the launch table keeps it), so the
+    kernel's tile loads are unmasked, aligned and contiguous, and no program rounds a weight."""
+    H, HP = shape.hidden, padded(shape.hidden)
+    scales = weights.new_tensor(GATE_SCALES[precision]).repeat_interleave(HP)
+    head = weights[shape.layer_offset(shape.layers):]
+    return torch.cat(split_tf32([t * scales for t in operand_tiles(weights, shape)], precision)
+                     + [torch.nn.functional.pad(head[:H], (0, HP - H)), head[H:]])
+
+
+def split_tf32(tiles: list[Tensor], precision: str) -> list[Tensor]:
+    """Each tile flat, as TF32 hi, then (exact mode) lo parts: what :func:`_tile_dot` reads."""
     parts = []
     for t in tiles:
         hi = round_tf32(t)
-        parts += [hi, round_tf32(t - hi)] if precision == "exact" else [hi]
-    head = weights[shape.layer_offset(shape.layers):]
-    parts += [torch.nn.functional.pad(head[:H], (0, HP - H)), head[H:]]
-    return torch.cat([p.reshape(-1) for p in parts])
+        parts += [hi.reshape(-1), round_tf32(t - hi).reshape(-1)] if precision == "exact" else [hi.reshape(-1)]
+    return parts
 
 
 def launch_config(shape: NetShape, precision: str) -> tuple[int, int, int]:
@@ -421,7 +498,7 @@ def forward(theta: Tensor, grad: Tensor, h: Tensor, c: Tensor, weights: Tensor, 
             precision: Optional[str] = None):
     """``(θ + Δ, h', c')`` of a flat θ, out of place (meta-training's step)."""
     theta_out, h_out, c_out = torch.empty_like(theta), torch.empty_like(h), torch.empty_like(c)
-    launch_forward([(theta, theta_out, grad, h, h_out, c, c_out)], weights, shape, precision=resolve(precision))
+    launch_forward([(theta, theta_out, grad, h, h_out, c, c_out)], weights, shape, META_TABLE, resolve(precision))
     return theta_out, h_out, c_out
 
 

@@ -2,8 +2,7 @@
 
 Every function works on a block of coordinates: gradients ``[BLOCK_N]``, states ``[BLOCK_N, HP]`` with the
 hidden size H padded to HP (a power of two, at least 16) in registers; padded columns hold zeros. φ is
-read in its packed layout (:mod:`l2l_fused.ops.layout`): layer l's matrix ``W[k, gate·H + unit]`` over the
-inputs k = (x, h, 1).
+read as host-made tensor-core tiles (:func:`l2l_fused.ops.triton.forward.tensor_core_weights`).
 """
 
 from __future__ import annotations
@@ -61,11 +60,6 @@ def _logistic2(y):
     """1 / (1 + 2^y): one ``ex2.approx`` and one ``rcp.approx`` (each ≤ 2 ulp; flushing subnormals changes
     nothing here, 1 + 2^y ≥ 1), no IEEE division. σ(x) is this at y = −x·log₂e. NaN stays NaN."""
     return _rcp(1.0 + _exp2(y))
-
-
-@triton.jit
-def _sigmoid(x):
-    return _logistic2(x * -LOG2E)
 
 
 @triton.jit
@@ -148,41 +142,6 @@ def _store_theta_plus(in_addr, out_addr, offs, mask, code, decay, delta):
 
 
 @triton.jit
-def _layer_weights(w_ptr, layer: tl.constexpr, IN: tl.constexpr, H: tl.constexpr):
-    """Where layer ``layer``'s matrix starts in packed φ (``layer = L``: the head), as NetShape.layer_offset."""
-    if layer == 0:
-        at = w_ptr
-    else:
-        at = w_ptr + (IN + H + 1) * 4 * H + (layer - 1) * (2 * H + 1) * 4 * H
-    return at
-
-
-@triton.jit
-def _gate_preact(x, x0, x1, h, w_ptr, gate: tl.constexpr, FIRST: tl.constexpr, IN: tl.constexpr, H: tl.constexpr,
-                 HP: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """z of one gate for a block: ``[BLOCK_N, HP]``, zero in the padded columns j >= H. ``w_ptr``: the layer's
-    matrix W [n_x + H + 1, 4H]."""
-    N_X: tl.constexpr = IN if FIRST else H
-    j = tl.arange(0, HP)  # output unit
-    k = tl.arange(0, HP)  # input unit
-    cols = gate * H + j
-    wmask = (k[:, None] < H) & (j[None, :] < H)
-    # B[k, j] = W[n_x + k, gate*H + j]: rows of the layer's own h
-    w_hh = tl.load(w_ptr + (N_X + k[:, None]) * (4 * H) + cols[None, :], mask=wmask, other=0.0)
-    z = tl.dot(h, w_hh, input_precision=DOT_PRECISION)
-    if FIRST:
-        # 1 or 2 input features: rank-1 updates (a dot needs an inner size of at least 16)
-        z += x0[:, None] * tl.load(w_ptr + cols, mask=j < H, other=0.0)[None, :]
-        if IN == 2:
-            z += x1[:, None] * tl.load(w_ptr + 4 * H + cols, mask=j < H, other=0.0)[None, :]
-    else:
-        w_ih = tl.load(w_ptr + k[:, None] * (4 * H) + cols[None, :], mask=wmask, other=0.0)
-        z = tl.dot(x, w_ih, z, input_precision=DOT_PRECISION)
-    bias = tl.load(w_ptr + (N_X + H) * (4 * H) + cols, mask=j < H, other=0.0)  # the row of the constant input
-    return z + bias[None, :]
-
-
-@triton.jit
 def _features(g, inv_p, threshold, exp_p, PREPROCESS: tl.constexpr):
     """The first layer's input (docs/spec.md §1): ``(log|g|/p, sign g)`` or ``(-1, e^p g)``, or g alone."""
     if PREPROCESS:
@@ -194,29 +153,6 @@ def _features(g, inv_p, threshold, exp_p, PREPROCESS: tl.constexpr):
         x0 = g
         x1 = g
     return x0, x1
-
-
-@triton.jit
-def _gates(x, x0, x1, h, w_ptr, FIRST: tl.constexpr, IN: tl.constexpr, H: tl.constexpr, HP: tl.constexpr,
-           DOT_PRECISION: tl.constexpr):
-    """(i, f, g, o) of one layer; padded columns get i = f = o = 1/2 and g = 0, so they stay zero."""
-    i = _sigmoid(_gate_preact(x, x0, x1, h, w_ptr, 0, FIRST, IN, H, HP, DOT_PRECISION))
-    f = _sigmoid(_gate_preact(x, x0, x1, h, w_ptr, 1, FIRST, IN, H, HP, DOT_PRECISION))
-    g = _tanh(_gate_preact(x, x0, x1, h, w_ptr, 2, FIRST, IN, H, HP, DOT_PRECISION))
-    o = _sigmoid(_gate_preact(x, x0, x1, h, w_ptr, 3, FIRST, IN, H, HP, DOT_PRECISION))
-    return i, f, g, o
-
-
-@triton.jit
-def _layer_step(x, x0, x1, h_ptr, c_ptr, at, mask, w_ptr, layer: tl.constexpr, IN: tl.constexpr, H: tl.constexpr,
-                HP: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``(c', h')`` of layer ``layer`` for a block whose state (float32 or bfloat16) is at ``h_ptr + at``,
-    ``c_ptr + at``; ``x`` is the layer's input (unused by the first layer, which reads x0, x1)."""
-    h = tl.load(h_ptr + at, mask=mask, other=0.0).to(tl.float32)
-    c = tl.load(c_ptr + at, mask=mask, other=0.0).to(tl.float32)
-    i, f, g, o = _gates(x, x0, x1, h, _layer_weights(w_ptr, layer, IN, H), layer == 0, IN, H, HP, DOT_PRECISION)
-    c = f * c + i * g
-    return c, o * _tanh(c)
 
 
 @triton.jit
@@ -259,6 +195,27 @@ def _dot_tf32(a, b_hi, b_lo, acc, EXACT: tl.constexpr, INF: tl.constexpr):
     else:
         acc = tl.dot(_tf32(a), b_hi, acc, input_precision="tf32")
     return acc
+
+
+@triton.jit
+def _dot_data(a, b, acc, EXACT: tl.constexpr, INF: tl.constexpr):
+    """acc + a·b on the tensor cores where both operands are data (the backward's weight gradients): as
+    :func:`_dot_tf32`, b split in the kernel. Fast: each product within 2·2⁻¹⁰ of float32's (both operands
+    truncated). Exact: b_lo's truncation adds ≤ 2⁻²⁰|ab| to :func:`_dot_tf32`'s bound, ≤ 2.75·2⁻²⁰ per product."""
+    if EXACT:
+        b_hi = _truncate_tf32(b)
+        acc = _dot_tf32(a, b_hi, _tf32(b - b_hi), acc, True, INF)
+    else:
+        acc = _dot_tf32(a, _tf32(b), b, acc, False, INF)
+    return acc
+
+
+@triton.jit
+def _join_gates(i, f, g, o, BLOCK_N: tl.constexpr, HP: tl.constexpr):
+    """``[BLOCK_N, 4·HP]``, columns gate·HP + unit, from four ``[BLOCK_N, HP]`` gates: :func:`_split_gates`
+    undone."""
+    t = tl.join(tl.join(i, g), tl.join(f, o))  # [n, unit, a, b]: gate 2a + b
+    return tl.reshape(tl.permute(t, (0, 2, 3, 1)), [BLOCK_N, 4 * HP])
 
 
 @triton.jit
