@@ -103,9 +103,6 @@ def jobs() -> list[Job]:
         _, warps, stages = triton_forward.launch_config(shape, "exact" if constexprs["EXACT"] else "fast")
         return {"num_warps": warps, "num_stages": stages}
 
-    def backward_options(constexprs):
-        return {"num_warps": triton_backward.NUM_WARPS,
-                "num_stages": triton_backward.NUM_STAGES["exact" if constexprs["EXACT"] else "fast"]}
-
+    backward_options = {"num_warps": triton_backward.NUM_WARPS, "num_stages": triton_backward.NUM_STAGES}
     return ([job(triton_forward._l2l_fwd_kernel, forward_options(config[1]), *config) for config in forward_configs()]
-            + [job(triton_backward._l2l_bwd_kernel, backward_options(config[1]), *config) for config in backward_configs()])
+            + [job(triton_backward._l2l_bwd_kernel, backward_options, *config) for config in backward_configs()])

@@ -9,10 +9,17 @@ unrolled step costs 324 B per coordinate in float32 (164 B with bfloat16 saving)
 A program walks its blocks top layer first. The top layer is evaluated once and differentiated at once
 (its gates never leave registers); each layer below is evaluated again from the saved state: for the
 paper's two layers, three layer evaluations per block (the bottom one twice), not the five of evaluating
-every layer's input from the bottom. The dots are the forward's (:mod:`~l2l_fused.ops.triton.forward`):
-per operand one over all four gates, against host-made tiles; the backward adds, per operand, the
-transposed tile for the input adjoints (``dZ · Wᵀ``) and the weight gradient ``operandᵀ · dZ``. The
-bias is the weight of the operands' constant column, so its gradient comes out of the same dot.
+every layer's input from the bottom. The dots are the forward's (:mod:`~l2l_fused.ops.triton.forward`),
+per operand one over all four gates, against the same host-made tiles (one copy serves meta-training's
+forward and backward); the backward adds, per operand, the input adjoint ``dZ · Wᵀ`` (the tile read
+transposed; the adjoints are divided by the gates' pre-scales the tile carries) and the weight gradient
+``operandᵀ · dZ`` (the pre-scales put back on the host). The bias is the weight of the operands'
+constant column, so its gradient comes out of the same dot.
+
+Registers are the limit: a block's gates, cell states and adjoints (``[64, 32]`` each, 16 registers per
+thread at 4 warps), the joined adjoints ``dZ`` and the dots' operands exceed 255, and the kernel spills
+(the static model: 1.3 KB per thread in fast mode, 2.4 KB in exact; PERF.md's direction of splitting the
+layers over two kernels, or holding the tiles in shared memory with TMA, is the next step).
 
 Weight gradients are sums over all coordinates. They are reduced deterministically: a fixed number of
 programs (``BACKWARD_PROGRAMS`` on a GPU, whatever the GPU) each walk their own blocks in a fixed order
@@ -36,18 +43,18 @@ from torch import Tensor
 from ..constants import BACKWARD_PROGRAMS
 from ..layout import NetShape
 from ..precision import resolve
-from .forward import (INTERPRETER_PROGRAMS, META_TABLE, _activate, _bottom_operand, _cell_tanh, _gate_preacts, _layer,
-                      _load_state, _store_state, _tile_dot, check_weights, operand_tiles, packed_from_tiles, padded,
-                      split_tf32, tensor_core_weights, vector_units)
+from .forward import (GATE_SCALES, INTERPRETER_PROGRAMS, META_TABLE, _activate, _bottom_operand, _cell_tanh, _gate_preacts, _layer,
+                      _load_state, _store_state, _tile_dot, check_weights, packed_from_tiles, padded,
+                      tensor_core_weights, vector_units)
 from .forward import kernel_constants as forward_constants
-from .math import _dot_data, _features, _join_gates
+from .math import LOG2E, _dot_data, _features, _join_gates
 
 BLOCK_N = 64  # coordinates per block
 NUM_WARPS = 4
-# Software pipelining per mode: in fast mode two stages let Triton copy the tiles straight into shared
-# memory (cp.async) instead of through registers, the scarcest resource here (the static model: 832 → 720
-# bytes of spills, 1.41 → 1.33 ms at 1M). The exact mode's tiles, twice as many, spill more that way.
-NUM_STAGES = {"fast": 2, "exact": 1}
+# No software pipelining of the loop over blocks: two stages would copy the tiles straight to shared memory
+# (cp.async) and spill less (fast mode, static model: 1.3 KB → 0.7 KB, 2.36 → 1.74 ms at 1M), but they
+# stage every load of the loop and ask 336 KB of shared memory, over the 227 KB a block may have.
+NUM_STAGES = 1
 
 
 @triton.jit
@@ -60,26 +67,27 @@ def _acc_weight_grad(ptr, a, dz, K: tl.constexpr, N: tl.constexpr, STRIDE: tl.co
 
 
 @triton.jit
-def _operand_backward(p_ptr, tt_ptr, a, K: tl.constexpr, dz_i, dz_f, dz_g, dz_o, BLOCK_N: tl.constexpr,
+def _operand_backward(p_ptr, t_ptr, a, K: tl.constexpr, dz_i, dz_f, dz_g, dz_o, BLOCK_N: tl.constexpr,
                       HP: tl.constexpr, PER_GATE: tl.constexpr, EXACT: tl.constexpr, INF: tl.constexpr):
-    """One operand's share of a layer's backward: its weight gradient added at ``p_ptr`` (``[K, 4·HP]``),
-    and its adjoint ``dZ · Wᵀ`` ``[BLOCK_N, K]`` from the transposed tile at ``tt_ptr`` (``[4·HP, K]``, hi
-    then lo); per gate where the forward's dots are (PER_GATE)."""
-    rows = tl.arange(0, HP)[:, None] * K + tl.arange(0, K)[None, :]  # a gate's rows of the transposed tile
-    LO: tl.constexpr = 4 * HP * K
+    """One operand's share of a layer's backward, from the gates' adjoints divided by their pre-scales: its
+    weight gradient (then times the pre-scales, as the tiles are) added at ``p_ptr`` (``[K, 4·HP]``), and
+    its adjoint ``dZ · Wᵀ`` ``[BLOCK_N, K]``, against the forward's own tile at ``t_ptr`` transposed (the
+    pre-scales cancel). Per gate where the forward's dots are (PER_GATE)."""
+    LO: tl.constexpr = K * 4 * HP
     if PER_GATE:
         _acc_weight_grad(p_ptr, a, dz_i, K, HP, 4 * HP, EXACT, INF)
         _acc_weight_grad(p_ptr + HP, a, dz_f, K, HP, 4 * HP, EXACT, INF)
         _acc_weight_grad(p_ptr + 2 * HP, a, dz_g, K, HP, 4 * HP, EXACT, INF)
         _acc_weight_grad(p_ptr + 3 * HP, a, dz_o, K, HP, 4 * HP, EXACT, INF)
-        d = _tile_dot(dz_i, tt_ptr + rows, LO, EXACT, False, tl.zeros([BLOCK_N, K], dtype=tl.float32))
-        d = _tile_dot(dz_f, tt_ptr + HP * K + rows, LO, EXACT, False, d)
-        d = _tile_dot(dz_g, tt_ptr + 2 * HP * K + rows, LO, EXACT, False, d)
-        d = _tile_dot(dz_o, tt_ptr + 3 * HP * K + rows, LO, EXACT, False, d)
+        rows = tl.arange(0, HP)[:, None] + tl.arange(0, K)[None, :] * (4 * HP)  # a gate's columns, transposed
+        d = _tile_dot(dz_i, t_ptr + rows, LO, EXACT, False, tl.zeros([BLOCK_N, K], dtype=tl.float32))
+        d = _tile_dot(dz_f, t_ptr + HP + rows, LO, EXACT, False, d)
+        d = _tile_dot(dz_g, t_ptr + 2 * HP + rows, LO, EXACT, False, d)
+        d = _tile_dot(dz_o, t_ptr + 3 * HP + rows, LO, EXACT, False, d)
     else:
         dz = _join_gates(dz_i, dz_f, dz_g, dz_o, BLOCK_N, HP)
         _acc_weight_grad(p_ptr, a, dz, K, 4 * HP, 4 * HP, EXACT, INF)
-        at = tt_ptr + tl.arange(0, 4 * HP)[:, None] * K + tl.arange(0, K)[None, :]
+        at = t_ptr + tl.arange(0, 4 * HP)[:, None] + tl.arange(0, K)[None, :] * (4 * HP)
         d = _tile_dot(dz, at, LO, EXACT, False, tl.zeros([BLOCK_N, K], dtype=tl.float32))
     return d
 
@@ -101,6 +109,9 @@ def _l2l_bwd_kernel(
     P_UPPER: tl.constexpr = K0 * 4 * HP
     P_LAYER: tl.constexpr = (HP + K1) * 4 * HP
     ROW: tl.constexpr = P_UPPER + (L - 1) * P_LAYER + HP + 1
+    # GATE_SCALES: σ's (i, f, o) and tanh's (g)
+    S_I: tl.constexpr = -LOG2E if EXACT else 0.5
+    S_G: tl.constexpr = -2.0 * LOG2E if EXACT else 1.0
     part = partial_ptr + tl.program_id(0) * ROW
     kx = tl.arange(0, HP)
     k1 = tl.arange(0, K1)
@@ -121,7 +132,6 @@ def _l2l_bwd_kernel(
         # cannot hoist the loads): otherwise it computes every tile element's address once, before the
         # loop, and keeps them all, ~16 registers per tile, across it, and spills.
         t_ptr = tl.multiple_of(tl.load(tiles_ptr).to(tl.pointer_type(tl.float32)), 16)
-        tt_ptr = tl.multiple_of(tl.load(tiles_ptr + 1).to(tl.pointer_type(tl.float32)), 16)
         mask = n < n_coords - start
         h_in, c_in = h_ptr + start * H, c_ptr + start * H
         x0, x1 = _features(tl.load(grad_ptr + start + n, mask=mask, other=0.0), inv_p, threshold, exp_p, PREPROCESS)
@@ -160,20 +170,20 @@ def _l2l_bwd_kernel(
                 dh += du[:, None] * w_out[None, :]
             dc = _load_state(dc_next_ptr + at, n, mask, HP, H, GA) + dh * o * (1.0 - tc * tc)
             _store_state(dc_ptr + at, n, mask, dc * f, HP, H, GA)
-            dz_i = dc * g * i * (1.0 - i)
-            dz_f = dc * c * f * (1.0 - f)
-            dz_g = dc * i * (1.0 - g * g)
-            dz_o = dh * tc * o * (1.0 - o)
+            # the pre-activations' adjoints over their gate's pre-scale (tensor_core_weights' GATE_SCALES)
+            dz_i = dc * g * i * (1.0 - i) * (1.0 / S_I)
+            dz_f = dc * c * f * (1.0 - f) * (1.0 / S_I)
+            dz_g = dc * i * (1.0 - g * g) * (1.0 / S_G)
+            dz_o = dh * tc * o * (1.0 - o) * (1.0 / S_I)
             if layer == 0:
-                d = _operand_backward(part, tt_ptr, a, K0, dz_i, dz_f, dz_g, dz_o, BLOCK_N, HP, PER_GATE, EXACT, True)
+                d = _operand_backward(part, t_ptr, a, K0, dz_i, dz_f, dz_g, dz_o, BLOCK_N, HP, PER_GATE, EXACT, True)
                 _store_state(dh_ptr + at, n, mask, d, K0, H, GA)  # the operand's first H columns: h
             else:
                 p = part + P_UPPER + (layer - 1) * P_LAYER
-                tt = tt_ptr + UPPER + (layer - 1) * PER_LAYER
-                d = _operand_backward(p + HP * 4 * HP, tt + HP * 4 * HP * PARTS, b, K1, dz_i, dz_f, dz_g, dz_o,
+                d = _operand_backward(p + HP * 4 * HP, tiles + HP * 4 * HP * PARTS, b, K1, dz_i, dz_f, dz_g, dz_o,
                                       BLOCK_N, HP, PER_GATE, EXACT, False)
                 _store_state(dh_ptr + at, n, mask, d, K1, H, GA)
-                dx = _operand_backward(p, tt, x, HP, dz_i, dz_f, dz_g, dz_o, BLOCK_N, HP, PER_GATE, EXACT, False)
+                dx = _operand_backward(p, tiles, x, HP, dz_i, dz_f, dz_g, dz_o, BLOCK_N, HP, PER_GATE, EXACT, False)
 
     head = part + P_UPPER + (L - 1) * P_LAYER
     tl.store(head + kx, d_w_out)
@@ -182,22 +192,9 @@ def _l2l_bwd_kernel(
 
 # -------------------------------------------------------------------------------------------- launcher
 
-def transposed_weights(weights: Tensor, shape: NetShape, precision: str) -> Tensor:
-    """The backward's tiles for the input adjoints: each of :func:`~.forward.operand_tiles` transposed,
-    ``[4·HP, K]``, without the forward's gate pre-scales (the adjoints are of the true pre-activations),
-    TF32-split like the forward's."""
-    return torch.cat(split_tf32([t.t().contiguous() for t in operand_tiles(weights, shape)], precision))
-
-
-def backward_tiles(weights: Tensor, shape: NetShape, precision: str) -> tuple[Tensor, Tensor]:
-    """``(tiles, addresses)``: the forward's tiles (:func:`~.forward.tensor_core_weights`) and
-    :func:`transposed_weights` in one tensor, and an int64 pair of where each starts, which the kernel reads."""
-    forward = tensor_core_weights(weights, shape, precision)
-    forward = torch.nn.functional.pad(forward, (0, -forward.numel() % 4))  # the second part 16-byte aligned too
-    tiles = torch.cat([forward, transposed_weights(weights, shape, precision)])
-    base = tiles.data_ptr()
-    addresses = torch.tensor([base, base + forward.numel() * tiles.element_size()], dtype=torch.int64)
-    return tiles, addresses.to(tiles.device)
+def tile_addresses(tiles: Tensor) -> Tensor:
+    """Where ``tiles`` starts, as an int64 on its device: the kernel reads its tiles' address at every block."""
+    return torch.tensor([tiles.data_ptr()], dtype=torch.int64).to(tiles.device)
 
 
 def partial_row(shape: NetShape) -> int:
@@ -245,14 +242,15 @@ def backward(grad: Tensor, h: Tensor, c: Tensor, dtheta: Tensor, dh_next: Tensor
     dh = torch.empty(state, device=device, dtype=torch.float32)
     dc = torch.empty(state, device=device, dtype=torch.float32)
     if n:
-        tiles = META_TABLE.derived(weights, ("backward", precision), lambda: backward_tiles(weights, shape, precision))
+        tiles = META_TABLE.derived(weights, precision, lambda: tensor_core_weights(weights, shape, precision))
+        addresses = META_TABLE.derived(tiles, ("address", precision), lambda: tile_addresses(tiles))
         p = 1.0 if shape.preprocess_p is None else float(shape.preprocess_p)
         _l2l_bwd_kernel[(programs,)](
-            grad, h, c, dtheta, dh_next, dc_next, dh, dc, partial, tiles[1], n, num_blocks,
+            grad, h, c, dtheta, dh_next, dc_next, dh, dc, partial, addresses, n, num_blocks,
             float(shape.output_scale), 1.0 / p, math.exp(-p), math.exp(p),
             **kernel_constants(shape, h.dtype, precision, block_n),
             ALIGNED=all(t.data_ptr() % 16 == 0 for t in (h, c, dh_next, dc_next, dh, dc)),
-            num_warps=num_warps, num_stages=NUM_STAGES[precision],
+            num_warps=num_warps, num_stages=NUM_STAGES,
         )
     # the second, deterministic, stage of the reduction
-    return dh, dc, packed_from_tiles(partial.sum(0), shape)
+    return dh, dc, packed_from_tiles(partial.sum(0), shape, GATE_SCALES[precision])

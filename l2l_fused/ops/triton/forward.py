@@ -325,11 +325,12 @@ def operand_rows(shape: NetShape, layer: int, operand: int) -> list[int]:
     return list(range(H)) if operand == 0 else [H + k for k in range(H)] + [2 * H]
 
 
-def packed_from_tiles(flat: Tensor, shape: NetShape) -> Tensor:
+def packed_from_tiles(flat: Tensor, shape: NetShape, scales: Sequence[float] = (1.0, 1.0, 1.0, 1.0)) -> Tensor:
     """Packed φ's layout (:mod:`l2l_fused.ops.layout`) of matrices laid out as :func:`operand_tiles` makes
-    them, one after another, then the head (``w_out`` padded to HP, ``b_out``): how the backward kernel
-    returns weight gradients."""
+    them, one after another, each gate's columns times ``scales[gate]``, then the head (``w_out`` padded to
+    HP, ``b_out``): how the backward kernel returns weight gradients."""
     H, HP = shape.hidden, padded(shape.hidden)
+    gates = flat.new_tensor(scales).view(1, 4, 1)
     out = flat.new_zeros(shape.packed_size)
     at = 0
     for layer in range(shape.layers):
@@ -338,7 +339,7 @@ def packed_from_tiles(flat: Tensor, shape: NetShape) -> Tensor:
         for operand in range(1 if layer == 0 else 2):
             rows = operand_rows(shape, layer, operand)
             K = padded(len(rows))
-            matrix[rows] = flat[at:at + K * 4 * HP].view(K, 4, HP)[:len(rows), :, :H]
+            matrix[rows] = flat[at:at + K * 4 * HP].view(K, 4, HP)[:len(rows), :, :H] * gates
             at += K * 4 * HP
     out[shape.layer_offset(shape.layers):] = torch.cat([flat[at:at + H], flat[at + HP:at + HP + 1]])
     return out
@@ -352,17 +353,11 @@ def tensor_core_weights(weights: Tensor, shape: NetShape, precision: str) -> Ten
     H, HP = shape.hidden, padded(shape.hidden)
     scales = weights.new_tensor(GATE_SCALES[precision]).repeat_interleave(HP)
     head = weights[shape.layer_offset(shape.layers):]
-    return torch.cat(split_tf32([t * scales for t in operand_tiles(weights, shape)], precision)
-                     + [torch.nn.functional.pad(head[:H], (0, HP - H)), head[H:]])
-
-
-def split_tf32(tiles: list[Tensor], precision: str) -> list[Tensor]:
-    """Each tile flat, as TF32 hi, then (exact mode) lo parts: what :func:`_tile_dot` reads."""
     parts = []
-    for t in tiles:
-        hi = round_tf32(t)
-        parts += [hi.reshape(-1), round_tf32(t - hi).reshape(-1)] if precision == "exact" else [hi.reshape(-1)]
-    return parts
+    for t in operand_tiles(weights, shape):
+        hi = round_tf32(t * scales)
+        parts += [hi.reshape(-1), round_tf32(t * scales - hi).reshape(-1)] if precision == "exact" else [hi.reshape(-1)]
+    return torch.cat(parts + [torch.nn.functional.pad(head[:H], (0, HP - H)), head[H:]])
 
 
 def launch_config(shape: NetShape, precision: str) -> tuple[int, int, int]:
