@@ -7,8 +7,9 @@
   ``torch.backends.cuda.matmul.allow_tf32`` gives matmuls and cuDNN's LSTM does by default. Only the
   Triton kernels have such a path; the native and reference backends compute in float32 in both modes.
 
-Activations are the same in both modes: one ``ex2.approx`` and one approximate reciprocal per gate,
-float32-accurate (docs/kernels.md, "Arithmetic modes", has the error budget and the measurements).
+Activations: exact, one ``ex2.approx`` and one approximate reciprocal per gate, float32-accurate; fast,
+one ``tanh.approx`` (docs/kernels.md, "Arithmetic modes", has the error budget and the measurements).
+The Triton forward and backward both follow the mode.
 
 ``precision=None`` (the default everywhere) follows ``torch.get_float32_matmul_precision()`` when the
 step runs: ``"highest"`` (PyTorch's default) → exact; ``"high"`` or ``"medium"`` → fast.
