@@ -11,9 +11,12 @@
 // reading φ does, the load/store unit would bound it at 3x the memory time.) Any other H, or state not aligned
 // for its vector accesses, runs forward_kernel: one thread per coordinate (coordinate_forward of l2l_math.h),
 // φ copied into shared memory once per block when it fits, else read through L1.
-// Backward: a fixed number of blocks (at most kBackwardPrograms, whatever the GPU) walk tiles of 128
-// coordinates in a fixed order; each tile's weight gradients are reduced in shared memory and added into the
-// block's own row of a partial-sum buffer, so the final sum over rows is deterministic, without atomics.
+// Backward: a fixed number of blocks (at most kBackwardPrograms, whatever the GPU) walk tiles in a fixed order
+// and add each tile's weight gradients into the block's own row of a partial-sum buffer, so the final sum over
+// rows is deterministic, without atomics. At H = 20, tiled_backward_kernel (tiles of 160 coordinates, the tiled
+// forward's layout and staged φ; notes at "the tiled backward" below); any other H, or state or adjoints not
+// aligned for its vector accesses, backward_kernel: one thread per coordinate (coordinate_backward of
+// l2l_math.h), tiles of 128, each tile's weight gradients reduced in shared memory.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -369,6 +372,435 @@ __global__ void __launch_bounds__(kTileThreads, kTileBlocksPerSM) tiled_forward_
   }
 }
 
+// ------------------------------------------------------------------------------------ the tiled backward
+//
+// At H = kTileHidden, tiled_backward_kernel: a fixed grid (at most kBackwardPrograms blocks, whatever the GPU) walks
+// tiles of kTile coordinates with the forward's thread layout and staged φ (stage_tile_weights: its float4 slots hold
+// each unit's 4 gates per input, pre-scaled so that a gate's dot product is its activation's exponent). Per tile:
+// 1. the inputs of every layer into shared memory, as pairs of rows (the forward's interleaved layout): the gradient
+//    features, each layer's h, and the h' of every layer below the top (recomputed layer by layer, tile_product and
+//    lstm_cell as the forward);
+// 2. from the top layer down, per layer l: its gates again (tile_product, parked in shared memory) and, per cell,
+//    the adjoints of its gates' pre-activations dz and of its c (cell_backward: layer_backward of l2l_math.h), dc
+//    written out, dz staged in shared memory (a float4 per unit and coordinate) in place of the gates; the top
+//    layer's cells add the head's gradient (w_out, b_out), summed over the tile, into the block's row; then
+//    - the weight gradient Σ over the tile's coordinates of [x | h | 1] dzᵀ (tile_weight_gradient): per pair of input
+//      rows a thread sums its 10 coordinates' products into 16 (input, gate, unit) entries, which its half-warp sums
+//      and scatters (4 shuffle steps), each lane adding one entry into the block's row of `partial`;
+//    - the adjoints of the layer's inputs, W dz (tile_input_adjoints): a warp owns 4 (layer 0: dh) or 8 (dx, dh)
+//      input rows, a lane 5 coordinates; dh is written out, dx replaces the h' of the layer below in shared memory,
+//      where that layer's cells read it.
+// Per coordinate that is 3 layer products for L = 2 (layer 0 twice: its gates are not kept, which would take 51 KB
+// more shared memory than the 2 blocks an SM holds allow), the 2 adjoint products and the 2 weight-gradient sums,
+// all float32 FMAs. Coordinates past the tensor's end are staged as zeros with zero adjoints: their dz, so all they
+// add to the weight gradient, is zero. Every sum runs in a fixed order, and a block adds only into its own row: the
+// host's sum over rows is deterministic.
+
+// Layer l's inputs as staged for the backward, in pairs of rows from tile_pair(l): pair 0 the gradient features and
+// then layer 0's h; for l > 0 the h' of layer l - 1 (H / 2 pairs) and then its own h. tile_pair(L): pairs in all.
+__host__ __device__ constexpr int tile_pair(int l) { return l == 0 ? 0 : (tile_rows(0) + (l - 1) * tile_rows(1)) / 2; }
+__host__ __device__ constexpr int tile_state_pair(int l) { return tile_pair(l) + (l == 0 ? 1 : kTileHidden / 2); }
+// layer_offset of l2l_math.h at H = kTileHidden, in closed form (its loop, run per tile, kept values in local memory).
+__host__ __device__ constexpr int tile_packed_offset(int features, int l) {
+  return l == 0 ? 0 : 4 * kTileHidden * ((features + kTileHidden + 1) + (l - 1) * (2 * kTileHidden + 1));
+}
+// dz ([H][kTile] float4: a unit's 4 gates per coordinate), the head, the tile's du, the input rows, staged φ.
+size_t tile_backward_shared_bytes(int layers) {
+  return (kTileHidden * kTile + kHeadSlots) * sizeof(float4) + kTile * sizeof(float) +
+         tile_pair(layers) * kPairStride * sizeof(float2) + tile_layer_offset(layers) * sizeof(float4);
+}
+
+// threadIdx.x, read where it is used: a value the compiler cannot hoist out of the loop over tiles, so that the
+// numbers derived from it (the thread's units, coordinates, entries) are not all held in registers across it.
+__device__ __forceinline__ int thread_index() {
+  int t;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(t));
+  return t;
+}
+
+// A tile's h of one layer into its H / 2 pairs of rows, as stage_state, the rows of coordinates past the tensor's
+// end zeroed: the weight gradient sums over every coordinate of the tile.
+template <typename S>
+__device__ __forceinline__ void stage_rows(const S* h, float2* rows, int count) {
+  constexpr int kFours = kTileHidden / 4, kCoordsPerPass = kTileThreads / kFours;
+  const int t = thread_index(), pair = 2 * (t % kFours), first = t / kFours;
+#pragma unroll
+  for (int j = 0; j < kTile / kCoordsPerPass; ++j) {
+    const int coord = first + j * kCoordsPerPass;
+    const float4 v = coord < count ? load4(h + 4 * (t + j * kTileThreads)) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    rows[pair * kPairStride + coord] = make_float2(v.x, v.y);
+    rows[(pair + 1) * kPairStride + coord] = make_float2(v.z, v.w);
+  }
+}
+
+// The gate exponents of the thread's cells (units 2 pair + u, coordinates 2 group + 32 (i / 2) + i % 2) for a layer
+// whose Rows inputs are staged from `in`: tile_layer's product.
+template <int Rows>
+__device__ __forceinline__ void tile_product(float4 (&z)[2][2 * kRuns], const float4* w, const float2* in, int pair,
+                                             int group) {
+  static_assert(Rows % 2 == 0 && Rows / 2 % 3 == 2, "the loop between the first and last row pairs goes by 3");
+  const float4* w0 = w + 2 * pair * (Rows + 1);
+  const float4* w1 = w0 + Rows + 1;
+  const float4* x = reinterpret_cast<const float4*>(in) + group;
+  product_pair<Rows, true>(z, x, w0, w1, 0);
+#pragma unroll (Rows / 2 - 2) / 3
+  for (int kp = 1; kp < Rows / 2 - 1; ++kp) product_pair<Rows, false>(z, x, w0, w1, kp);
+  product_pair<Rows, false>(z, x, w0, w1, Rows / 2 - 1);
+}
+
+// A layer below the top, forward only: its h' into the H / 2 pairs of rows from `out` (the next layer's inputs).
+// first: where the tile's layer starts in c ([L, N, H]); count: the tile's coordinates in the tensor (the c of the
+// others reads as 0).
+template <int Rows, typename S>
+__device__ __forceinline__ void tile_forward_layer(const float4* w, const float2* in, float2* out, const S* c,
+                                                   int64_t first, int count) {
+  constexpr int H = kTileHidden;
+  const int pair = thread_index() / 16, group = thread_index() % 16;
+  const S* c_cell = c + first + 2 * group * H + 2 * pair;  // the thread's first cell (coordinate 2 group, unit 2 pair)
+  float4 z[2][2 * kRuns];
+  tile_product<Rows>(z, w, in, pair, group);
+  float2* h_rows = out + pair * kPairStride + 2 * group;
+#pragma unroll
+  for (int i = 0; i < 2 * kRuns; ++i) {
+    const int at = 32 * (i / 2) + i % 2;  // cell i's coordinate, from 2 group
+    const float2 c = 2 * group + at < count ? load2(c_cell + at * H) : make_float2(0.0f, 0.0f);
+    h_rows[at] = make_float2(lstm_cell(z[0][i], c.x).x, lstm_cell(z[1][i], c.y).x);
+  }
+}
+
+// One unit's backward (layer_backward of l2l_math.h) from its gates' exponents e (i, f, g, o, as lstm_cell takes
+// them), its c and the adjoints of its h' and c': dz, the adjoints of the gates' pre-activations; dc, of c; and h'
+// (for the head's gradient). tanh is carried as r = tanh - 1 (lstm_cell): 1 - tanh² = -r (2 + r), with no
+// cancellation near ±1; σ (1 - σ) is one FMA, σ - σ².
+struct CellAdjoint {
+  float4 dz;
+  float dc, h;
+};
+__device__ __forceinline__ CellAdjoint cell_backward(float4 e, float c, float dh_new, float dc_new) {
+  const float i = sigmoid_of(e.x), f = sigmoid_of(e.y), rg = tanh_minus_1_of(e.z), o = sigmoid_of(e.w);
+  const float c_new = fmaf(f, c, fmaf(i, rg, i));
+  const float rc = tanh_minus_1_of(2.0f * kLog2e * c_new);
+  const float dct = fmaf(dh_new * o, -rc * (2.0f + rc), dc_new);
+  CellAdjoint a;
+  a.dz = make_float4(dct * (1.0f + rg) * fmaf(-i, i, i), dct * c * fmaf(-f, f, f), dct * i * (-rg * (2.0f + rg)),
+                     dh_new * (1.0f + rc) * fmaf(-o, o, o));
+  a.dc = dct * f;
+  a.h = fmaf(o, rc, o);
+  return a;
+}
+
+// dz in the staged weights' scale (their i, f, o columns are W · -log2 e, g's W · 2 log2 e): staged W · scaled dz is
+// W · dz.
+constexpr float kLn2 = 0.6931471805599453f;
+__device__ __forceinline__ float4 staged_scale(float4 dz) {
+  return make_float4(-kLn2 * dz.x, -kLn2 * dz.y, 0.5f * kLn2 * dz.z, -kLn2 * dz.w);
+}
+
+// a if p else b, as one select: written as C's ?: on two elements of a local array, the compiler may select their
+// address instead, which puts the array in local memory.
+__device__ __forceinline__ float select(bool p, float a, float b) {
+  float y;
+  asm("{\n\t.reg .pred q;\n\tsetp.ne.b32 q, %1, 0;\n\tselp.f32 %0, %2, %3, q;\n\t}"
+      : "=f"(y) : "r"(static_cast<int>(p)), "f"(a), "f"(b));
+  return y;
+}
+
+// One step of sum_scatter: the lane keeps v[j + M] (lane bit M set) or v[j] for j < M, plus what its partner across
+// that bit sends, the other one.
+template <int M>
+__device__ __forceinline__ void scatter_step(float (&v)[16], int lane) {
+  const bool upper = lane & M;
+#pragma unroll
+  for (int j = 0; j < M; ++j) {
+    const float send = select(upper, v[j], v[j + M]), keep = select(upper, v[j + M], v[j]);
+    v[j] = keep + __shfl_xor_sync(0xFFFFFFFFu, send, M);
+  }
+}
+
+// Σ over the 16 lanes of a half-warp of each of v[0..16), scattered: lane j (of the half) returns the sum of v[j].
+// Each step halves the values a lane holds (which half: the lane's bit M), so lane j ends with v[j]'s sum. The first
+// step takes no select: there the lanes' values come swapped already (v[j] and v[j + 8] exchanged where lane bit 8
+// is set), so every lane keeps v[j] and sends v[j + 8].
+__device__ __forceinline__ float sum_scatter(float (&v)[16], int lane) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) v[j] += __shfl_xor_sync(0xFFFFFFFFu, v[j + 8], 8);
+  scatter_step<4>(v, lane);
+  scatter_step<2>(v, lane);
+  scatter_step<1>(v, lane);
+  return v[0];
+}
+
+// v[8 u + at + gate] (+)= x · dz[u].gate for the thread's two units (at: 4 for the second of a pair of rows).
+__device__ __forceinline__ void outer_add(float (&v)[16], int at, float x, const float4 (&dz)[2], bool first) {
+#pragma unroll
+  for (int u = 0; u < 2; ++u) {
+    const float4 d = dz[u];
+    float* p = v + 8 * u + at;
+    p[0] = first ? x * d.x : fmaf(x, d.x, p[0]);
+    p[1] = first ? x * d.y : fmaf(x, d.y, p[1]);
+    p[2] = first ? x * d.z : fmaf(x, d.z, p[2]);
+    p[3] = first ? x * d.w : fmaf(x, d.w, p[3]);
+  }
+}
+
+// A shared-memory float4 the thread itself stored, read again: a volatile load, so that the compiler does not keep
+// the stored value in registers until here instead (it would hold 80 of them across tile_backward_layer's cells).
+__device__ __forceinline__ float4 reload(const float4* p) {
+  float4 v;
+  asm volatile("ld.volatile.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+               : "r"(static_cast<unsigned>(__cvta_generic_to_shared(p))));
+  return v;
+}
+
+// A layer's weight gradient over the tile, Σ_coordinates [x | h | 1] dzᵀ, added into `dw` (the layer's rows of this
+// block's partial sums). The thread's cells' dz are read back from `dz_rows` (staged_scale's, so every sum is scaled
+// back by its gate's staged weight scale). Per pair of staged input rows (2 kp, 2 kp + 1) the thread sums its cells'
+// products for its 16 entries (unit 2 pair + u, row 2 kp + r, gate; v index 8 u + 4 r + gate), and its half-warp (the
+// 16 groups of one pair, lanes of one warp) sums each entry over the groups: lane `group` gets entry `group`. For
+// sum_scatter's first step, a lane with bit 8 set holds its units the other way round (u = 0 is unit 2 pair + 1).
+// Layer 0's staged rows 0 and 1 are the features (row 1 unused without preprocessing).
+template <int Rows>
+__device__ __forceinline__ void tile_weight_gradient(const float4* dz_rows, const float2* in, float* dw,
+                                                     int features) {
+  constexpr int H = kTileHidden;
+  const int pair = thread_index() / 16, group = thread_index() % 16;
+  constexpr bool kLayer0 = Rows == tile_rows(0);
+  const int mine = 2 * pair + (group >> 3), other = 4 * pair + 1 - mine;  // this lane's unit, the other one
+  float4 dz[2][2 * kRuns];
+#pragma unroll
+  for (int i = 0; i < 2 * kRuns; ++i) {
+    const int coord = 2 * group + 32 * (i / 2) + i % 2;
+    dz[0][i] = reload(dz_rows + mine * kTile + coord);
+    dz[1][i] = reload(dz_rows + other * kTile + coord);
+  }
+  const float scale = (group & 3) == 2 ? 2.0f * kLog2e : -kLog2e;  // of this lane's entries' gate
+  // this lane's entry of staged row 2 kp + r (r = group / 4 % 2) at packed row 2 kp + r + shift (for kp > 0 in layer
+  // 0, the features' packed rows being 0 .. features - 1)
+  const int r = group >> 2 & 1, shift = kLayer0 ? features - 2 : 0;
+  float* entry = dw + (r + shift) * 4 * H + (group & 3) * H + mine;
+  const float4* x = reinterpret_cast<const float4*>(in) + group;
+#pragma unroll 1
+  for (int kp = 0; kp < Rows / 2; ++kp) {
+    float v[16];
+#pragma unroll
+    for (int run = 0; run < kRuns; ++run) {
+      const float4 in2 = x[kp * (kPairStride / 2) + 16 * run];  // rows 2 kp, 2 kp + 1 of cells 2 run, then 2 run + 1
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float4 cell[2] = {dz[0][2 * run + e], dz[1][2 * run + e]};
+        outer_add(v, 0, e == 0 ? in2.x : in2.z, cell, run == 0 && e == 0);
+        outer_add(v, 4, e == 0 ? in2.y : in2.w, cell, run == 0 && e == 0);
+      }
+    }
+    const float sum = sum_scatter(v, group) * scale;
+    if (kLayer0 && kp == 0) {  // the features: staged rows 0, 1 are packed rows 0 .. features - 1
+      if (r < features) entry[-shift * 4 * H] += sum;
+    } else {
+      entry[kp * 2 * 4 * H] += sum;
+    }
+  }
+  float v[16];  // the bias: Σ dz
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    v[j] = 0.0f;
+    v[j + 8] = 0.0f;
+  }
+#pragma unroll
+  for (int i = 0; i < 2 * kRuns; ++i) {
+    const float4 cell[2] = {dz[0][i], dz[1][i]};
+    outer_add(v, 0, 1.0f, cell, i == 0);
+  }
+  const float sum = sum_scatter(v, group) * scale;
+  if (r == 0) entry[Rows * 4 * H] += sum;  // packed row Rows + shift: layer_inputs(l)
+}
+
+// The adjoints of a layer's inputs, W dz over the tile, from dz staged in `dz_rows` in the weights' scale: warp w
+// computes output rows R w .. R w + R - 1 (layer 0: dh of its h, staged rows 2..H+1; upper layers: dx of its x, rows
+// 0..H-1, then dh, rows H..2H-1) of coordinates lane + 32 r. dh goes to `dh_tile` ([kTile][H] of the tile, coordinates
+// before `count`), dx into the pairs of rows of `dx_rows` (all coordinates; past the end they are 0).
+template <int Rows>
+__device__ __forceinline__ void tile_input_adjoints(const float4* w, const float4* dz_rows, float2* dx_rows,
+                                                    float* dh_tile, int count) {
+  constexpr int H = kTileHidden, kOut = Rows == tile_rows(0) ? H : 2 * H, kWarps = kTileThreads / 32;
+  constexpr int R = kOut / kWarps;
+  static_assert(kOut % kWarps == 0 && R % 4 == 0 && H % 4 == 0 && kTile == 32 * kRuns, "a warp's rows go by 4");
+  const int warp = thread_index() / 32, lane = thread_index() % 32, first = R * warp;  // output rows first + o
+  const float4* wr = w + (Rows - kOut) + first;  // unit u's slot of output row first + o: wr[u (Rows + 1) + o]
+  float acc[R][kRuns];
+#pragma unroll
+  for (int o = 0; o < R; ++o) {
+#pragma unroll
+    for (int r = 0; r < kRuns; ++r) acc[o][r] = 0.0f;
+  }
+#pragma unroll 2
+  for (int u = 0; u < H; ++u) {
+    float4 wu[R];
+#pragma unroll
+    for (int o = 0; o < R; ++o) wu[o] = wr[u * (Rows + 1) + o];
+#pragma unroll
+    for (int r = 0; r < kRuns; ++r) {
+      const float4 d = dz_rows[u * kTile + lane + 32 * r];
+#pragma unroll
+      for (int o = 0; o < R; ++o) {
+        acc[o][r] = fmaf(wu[o].w, d.w, fmaf(wu[o].z, d.z, fmaf(wu[o].y, d.y, fmaf(wu[o].x, d.x, acc[o][r]))));
+      }
+    }
+  }
+#pragma unroll
+  for (int q = 0; q < R / 4; ++q) {
+    const int o = first + 4 * q;  // output rows o .. o + 3: dh if o >= kOut - H, else dx
+#pragma unroll
+    for (int r = 0; r < kRuns; ++r) {
+      const int coord = lane + 32 * r;
+      if (o >= kOut - H) {
+        if (coord < count) {
+          *reinterpret_cast<float4*>(dh_tile + coord * H + o - (kOut - H)) =
+              make_float4(acc[4 * q][r], acc[4 * q + 1][r], acc[4 * q + 2][r], acc[4 * q + 3][r]);
+        }
+      } else {
+        dx_rows[o / 2 * kPairStride + coord] = make_float2(acc[4 * q][r], acc[4 * q + 1][r]);
+        dx_rows[(o / 2 + 1) * kPairStride + coord] = make_float2(acc[4 * q + 2][r], acc[4 * q + 3][r]);
+      }
+    }
+  }
+}
+
+// Layer l's backward over a tile (Rows = tile_rows(l)), its inputs staged from `in`. dx_above: the adjoint of its h'
+// from the layer above (that layer's dx, in its pairs of rows), unless it is the top layer, whose h' feeds the head
+// (du_row, w_out). first: where the tile's layer l starts in [L, N, H] (its c, dh_next, dc_next are read there, its
+// dc and dh written); dw: layer l's rows of the block's partial sums; head_grad: the head's (w_out, then b_out),
+// which the top layer adds to.
+template <int Rows, typename S>
+__device__ __forceinline__ void tile_backward_layer(const float4* w, float2* in, const float2* dx_above,
+                                                    float4* dz_rows, const float* du_row, const float* head, bool top,
+                                                    int count, int features, const S* c,
+                                                    const float* dh_next, const float* dc_next, float* dc, float* dh,
+                                                    int64_t first, float* dw, float* head_grad) {
+  constexpr int H = kTileHidden;
+  {  // the gates' exponents, parked in the thread's own cells of dz_rows: no 80 registers held across the cells
+    const int pair = thread_index() / 16, group = thread_index() % 16;
+    float4 z[2][2 * kRuns];
+    tile_product<Rows>(z, w, in, pair, group);
+#pragma unroll
+    for (int i = 0; i < 2 * kRuns; ++i) {
+      const int coord = 2 * group + 32 * (i / 2) + i % 2;
+      dz_rows[2 * pair * kTile + coord] = z[0][i];
+      dz_rows[(2 * pair + 1) * kTile + coord] = z[1][i];
+    }
+  }
+  const int pair = thread_index() / 16, group = thread_index() % 16;
+  const int64_t cell = first + 2 * group * H + 2 * pair;  // the thread's first cell (coordinate 2 group, unit 2 pair)
+  const S* c_cell = c + cell;
+  const float *dh_next_cell = dh_next + cell, *dc_next_cell = dc_next + cell;
+  float* dc_cell = dc + cell;
+  float2 dw_out = make_float2(0.0f, 0.0f);  // the top layer's: Σ du h' of the cells (w_out), Σ du (b_out)
+  float db_out = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 2 * kRuns; ++i) {
+    const int at = 32 * (i / 2) + i % 2, coord = 2 * group + at;  // cell i's coordinate, from 2 group and in the tile
+    const bool kept = coord < count;
+    float2 c = make_float2(0.0f, 0.0f), dh_next = c, dc_next = c;
+    if (kept) {
+      c = load2(c_cell + at * H);
+      dh_next = load2(dh_next_cell + at * H);
+      dc_next = load2(dc_next_cell + at * H);
+    }
+    float du = 0.0f;
+    float2 dh_new;
+    if (top) {
+      du = du_row[coord];
+      dh_new = make_float2(fmaf(du, head[2 * pair], dh_next.x), fmaf(du, head[2 * pair + 1], dh_next.y));
+    } else {
+      const float2 dx = dx_above[pair * kPairStride + coord];
+      dh_new = make_float2(dh_next.x + dx.x, dh_next.y + dx.y);
+    }
+    const CellAdjoint a = cell_backward(reload(dz_rows + 2 * pair * kTile + coord), c.x, dh_new.x, dc_next.x);
+    const CellAdjoint b = cell_backward(reload(dz_rows + (2 * pair + 1) * kTile + coord), c.y, dh_new.y, dc_next.y);
+    if (kept) store2(dc_cell + at * H, make_float2(a.dc, b.dc));
+    if (top) {
+      dw_out.x = fmaf(du, a.h, dw_out.x);
+      dw_out.y = fmaf(du, b.h, dw_out.y);
+      db_out += du;
+    }
+    dz_rows[2 * pair * kTile + coord] = staged_scale(a.dz);
+    dz_rows[(2 * pair + 1) * kTile + coord] = staged_scale(b.dz);
+  }
+  if (top) {  // the head's gradient: summed over the half-warp (the pair's 16 groups: every coordinate of the tile)
+#pragma unroll
+    for (int step = 0; step < 4; ++step) {
+      dw_out.x += __shfl_xor_sync(0xFFFFFFFFu, dw_out.x, 8 >> step);
+      dw_out.y += __shfl_xor_sync(0xFFFFFFFFu, dw_out.y, 8 >> step);
+      db_out += __shfl_xor_sync(0xFFFFFFFFu, db_out, 8 >> step);
+    }
+    if (group == 0) {
+      head_grad[2 * pair] += dw_out.x;
+      head_grad[2 * pair + 1] += dw_out.y;
+      if (pair == 0) head_grad[H] += db_out;
+    }
+  }
+  tile_weight_gradient<Rows>(dz_rows, in, dw, features);
+  __syncthreads();  // dz is staged; every thread is done with this layer's input rows
+  tile_input_adjoints<Rows>(w, dz_rows, in, dh + first, count);
+  if (Rows != tile_rows(0)) __syncthreads();  // dx is staged for the layer below; every thread is done with dz
+}
+
+// The backward of a step at H = kTileHidden: the adjoints of h and c into dh, dc ([L, N, H] float32), the weight
+// gradient into this block's row of `partial` (packed as φ). Needs h, c tile_aligned<S> and the float32 adjoints
+// tile_aligned<float>; any n.
+template <typename S>
+__global__ void __launch_bounds__(kTileThreads, kTileBlocksPerSM) tiled_backward_kernel(
+    const float* grad, const S* h, const S* c, const float* dtheta, const float* dh_next, const float* dc_next,
+    float* dh, float* dc, float* partial, const float* weights, int64_t n, NetShape s) {
+  constexpr int H = kTileHidden;
+  // What does not depend on L first, at addresses known when compiling: dz, the head, du, the input rows; then φ.
+  extern __shared__ float4 smem[];
+  float4* dz_rows = smem;
+  float* head = reinterpret_cast<float*>(dz_rows + H * kTile);
+  float* du_row = head + 4 * kHeadSlots;
+  float2* in = reinterpret_cast<float2*>(du_row + kTile);
+  float4* w = reinterpret_cast<float4*>(in + tile_pair(s.layers) * kPairStride);
+  stage_tile_weights(weights, s, w, head);
+  partial += blockIdx.x * (tile_packed_offset(s.features, s.layers) + H + 1);  // this block's row
+  const int64_t stride = n * H;
+  for (int64_t n0 = blockIdx.x * static_cast<int64_t>(kTile); n0 < n; n0 += gridDim.x * static_cast<int64_t>(kTile)) {
+    const int count = static_cast<int>(n - n0 < kTile ? n - n0 : kTile);
+    __syncthreads();  // the weights are staged (the previous tile is done with the rows)
+    const int t = thread_index();
+    const bool mine = t < count;  // thread t's coordinate
+    float x[2] = {0.0f, 0.0f};
+    features(s, mine ? grad[n0 + t] : 0.0f, x);
+    in[t] = make_float2(x[0], x[1]);
+    du_row[t] = mine ? s.output_scale * dtheta[n0 + t] : 0.0f;
+    for (int l = 0; l < s.layers; ++l) {
+      stage_rows(h + l * stride + n0 * H, in + tile_state_pair(l) * kPairStride, count);
+    }
+    __syncthreads();
+    if (s.layers > 1) {  // the h' of every layer below the top
+      tile_forward_layer<tile_rows(0)>(w, in, in + tile_pair(1) * kPairStride, c, n0 * H, count);
+      for (int l = 1; l + 1 < s.layers; ++l) {
+        __syncthreads();  // the layer below's h' is staged
+        tile_forward_layer<tile_rows(1)>(w + tile_layer_offset(l), in + tile_pair(l) * kPairStride,
+                                         in + tile_pair(l + 1) * kPairStride, c, n0 * H + l * stride, count);
+      }
+      __syncthreads();
+    }
+    for (int l = s.layers - 1; l > 0; --l) {
+      tile_backward_layer<tile_rows(1)>(w + tile_layer_offset(l), in + tile_pair(l) * kPairStride,
+                                        in + tile_pair(l + 1) * kPairStride, dz_rows, du_row, head, l == s.layers - 1,
+                                        count, s.features, c, dh_next, dc_next, dc, dh,
+                                        n0 * H + l * stride,
+                                        partial + tile_packed_offset(s.features, l),
+                                        partial + tile_packed_offset(s.features, s.layers));
+    }
+    tile_backward_layer<tile_rows(0)>(w, in, in + tile_pair(1) * kPairStride, dz_rows, du_row, head,
+                                      s.layers == 1, count, s.features, c, dh_next, dc_next, dc,
+                                      dh, n0 * H, partial, partial + tile_packed_offset(s.features, 1));
+  }
+}
+
+// ------------------------------------------------------------------------------------ the generic backward
+
 // Weight gradients of one tile of kThreads coordinates, summed over the tile in shared memory and added
 // into this block's row of partial sums (which no other block touches).
 struct BlockSink {
@@ -506,6 +938,28 @@ cudaError_t launch_backward(const float* grad, const void* h, const void* c, con
                             const float* weights, int64_t n, const NetShape& s, bool bf16_state,
                             cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
+  auto tiled = [&](auto state) {  // at most kBackwardPrograms blocks (so at most backward_blocks(n)), any GPU
+    using S = decltype(state);
+    auto kernel = tiled_backward_kernel<S>;
+    const size_t bytes = tile_backward_shared_bytes(s.layers);
+    cudaError_t err = allow_shared(kernel, bytes);
+    if (err != cudaSuccess) return err;
+    const int64_t tiles = (n + kTile - 1) / kTile;
+    kernel<<<static_cast<unsigned>(tiles < kBackwardPrograms ? tiles : kBackwardPrograms), kTileThreads, bytes,
+             stream>>>(grad, static_cast<const S*>(h), static_cast<const S*>(c), dtheta, dh_next, dc_next, dh, dc,
+                       partial, weights, n, s);
+    return cudaGetLastError();
+  };
+  // The tiled kernel's vector accesses: h and c by 4 values (tile_aligned), the float32 adjoints by 4 or 2.
+  auto address = [](const void* p) { return reinterpret_cast<int64_t>(p); };
+  bool aligned = s.hidden == kTileHidden;
+  for (const void* p : {h, c}) {
+    aligned &= bf16_state ? tile_aligned<uint16_t>(address(p)) : tile_aligned<float>(address(p));
+  }
+  for (const float* p : {dh_next, dc_next, static_cast<const float*>(dh), static_cast<const float*>(dc)}) {
+    aligned &= tile_aligned<float>(address(p));
+  }
+  if (aligned) return bf16_state ? tiled(uint16_t()) : tiled(float());
   const bool in_shared = weights_fit_shared(s);
   const int64_t packed = packed_size(s);
   const int widest = (s.features > s.hidden ? s.features : s.hidden) + s.hidden;  // inputs of a layer
