@@ -2,8 +2,8 @@
 
 The optimizee's gradient at each step is random data (log-uniform magnitudes) and the meta-loss is the
 sum of θ over the unrolled steps, so what is measured is the optimizer's own cost: autograd through the
-eager reference, through ``torch.compile`` of the reference step, and through the fused Triton step
-(saving the state in float32 or bfloat16). Reports the median time per unrolled step (forward +
+eager reference, through ``torch.compile`` of the reference step, and through the fused steps (Triton in
+each arithmetic mode, native; saving the state in float32 or bfloat16). Reports the median time per unrolled step (forward +
 backward), the peak memory of a truncation, and the memory autograd keeps per coordinate per step.
 
     python bench/bench_meta.py --sizes 1e6 1e7 --steps 20 --out bench/results/meta.json
@@ -60,6 +60,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", type=float, nargs="*", default=[1e6, 1e7])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", nargs="*", default=["exact", "fast"], choices=["exact", "fast"],
+                        help="the Triton step's arithmetic modes to measure (l2l_fused.ops.precision)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -69,20 +71,25 @@ def main(argv=None) -> int:
     info = device_info(device)
     print(f"{info['device']}: T = {args.steps}", flush=True)
     reference = interface.resolve("reference", device).step
-    impls = [("reference (eager)", reference)]
+    impls = [("reference (eager)", reference, "exact")]  # (name, step, arithmetic mode)
     if device.type == "cuda":
-        impls.append(("reference (torch.compile)", torch.compile(reference)))
+        impls.append(("reference (torch.compile)", torch.compile(reference), "exact"))
     for name in ("triton", "native"):
         if name in available_backends(device):
             step = interface.resolve(name, device).step
-            impls += [(name, step),
-                      (f"{name}, bf16 saved state", lambda net, x, g, h, c, step=step: step(net, x, g, h, c, torch.bfloat16))]
+            # the native kernels compute in float32 in both modes: one mode is all they have
+            for precision in args.precision if name == "triton" else ["exact"]:
+                label = f"{name} {precision}" if name == "triton" else name
+                impls += [(label, lambda net, x, g, h, c, step=step, p=precision: step(net, x, g, h, c, None, p), precision),
+                          (f"{label}, bf16 saved state",
+                           lambda net, x, g, h, c, step=step, p=precision: step(net, x, g, h, c, torch.bfloat16, p),
+                           precision)]
     rows = []
     for n in (int(s) for s in args.sizes):
         grads = [torch.randn(n, device=device) * torch.exp(torch.empty(n, device=device).uniform_(-20, 5))
                  for _ in range(args.steps)]
-        for name, step_fn in impls:
-            row = {"impl": name, "coordinates": n, "steps": args.steps}
+        for name, step_fn, precision in impls:
+            row = {"impl": name, "precision": precision, "coordinates": n, "steps": args.steps}
             try:
                 run, kept_bytes = truncation(net, n, args.steps, device, step_fn, grads)
                 timing = median_ms(run, device, warmup_ms=1, rep_ms=1500)
