@@ -1,19 +1,20 @@
 // CPU kernels of the step and its backward: OpenMP over coordinates through ATen's parallel_for (torch's own
-// OpenMP pool, so torch.set_num_threads applies and no second OpenMP runtime is loaded). The forward runs
-// blocks of coordinates (l2l_cpu_forward.h); the backward, one coordinate at a time, the inner loops of
-// l2l_math.h vectorised over the 4H gate units.
+// OpenMP pool, so torch.set_num_threads applies and no second OpenMP runtime is loaded). Both run blocks
+// of coordinates through register-tiled products (l2l_cpu_forward.h, l2l_cpu_backward.h).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#if __has_include(<sys/mman.h>)
+#include <sys/mman.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
-#include <numeric>
 #include <vector>
 
-#include "l2l_cpu_forward.h"
+#include "l2l_cpu_backward.h"
 #include "l2l_ops.h"
 
 namespace l2l {
@@ -22,9 +23,31 @@ namespace {
 // Coordinates per task; the weight-gradient partial sums are per chunk of this many, whatever the number
 // of threads, so the reduction's order (and so its rounding) never depends on the thread count.
 constexpr int64_t kChunk = 2048;
-// Within a chunk, weight gradients are summed over tiles of this many coordinates first, then tile by tile
-// into the chunk's partial: float rounding grows with ~kTile + kChunk / kTile additions, not kChunk.
-constexpr int64_t kTile = 64;
+
+// Runs fn(task) for tasks [0, count) on torch's threads, each thread claiming the next task until none is
+// left: a thread slowed down (by another process on its core, say) takes fewer tasks instead of holding
+// the others at the end.
+template <typename Fn>
+void claim_tasks(int64_t count, Fn&& fn) {
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), count);
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t t; (t = next.fetch_add(1)) < count;) fn(t);
+  });
+}
+
+// An output allocated for this call is first touched by the kernel, a page fault per page, and in a VM a
+// fault is expensive: measured here, first writing 32 MB (the state outputs at 100k coordinates) takes
+// 26 ms in 4 KiB pages, more than the step, and 3.6 ms in 2 MiB ones. The whole 2 MiB pages of an output
+// are asked for as huge pages. Advice only: pages already mapped stay as they are.
+void prefer_huge_pages(const at::Tensor& t) {
+#ifdef MADV_HUGEPAGE
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  const auto first = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t begin = (first + kHuge - 1) & ~(kHuge - 1), end = (first + t.nbytes()) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+}
 
 template <typename Fn>
 void dispatch_hidden(const NetShape& s, Fn&& fn) {
@@ -93,46 +116,6 @@ int64_t forward_rows(const Row& row, int64_t begin, int64_t end, const cpu::Bloc
   return skipped;
 }
 
-struct ChunkSink {
-  const NetShape& s;
-  float* acc;  // this chunk's weight gradients, packed like the weights
-
-  void head(float du, const float* h_top) {
-    float* g = acc + layer_offset(s, s.layers);
-    for (int k = 0; k < s.hidden; ++k) g[k] += du * h_top[k];
-    g[s.hidden] += du;
-  }
-  void layer(int l, const float* dz, const float* x, int n_x, const float* h) {
-    const int H4 = 4 * s.hidden;
-    float* rows = acc + layer_offset(s, l);
-    for (int k = 0; k < n_x + s.hidden + 1; ++k) {
-      const float in = k < n_x ? x[k] : (k < n_x + s.hidden ? h[k - n_x] : 1.0f);  // the last row: the bias
-      float* row = rows + k * H4;
-#pragma omp simd
-      for (int j = 0; j < H4; ++j) row[j] += in * dz[j];
-    }
-  }
-};
-
-template <int H_CT, typename S>
-void backward_chunk(int64_t begin, int64_t end, const float* grad, const S* h, const S* c, const float* dtheta,
-                    const float* dh_next, const float* dc_next, float* dh, float* dc, float* acc, const float* w,
-                    const NetShape& s, int64_t stride) {
-  const int64_t packed = packed_size(s);
-  std::vector<float> tile(packed);
-  for (int64_t first = begin; first < end; first += kTile) {
-    std::fill(tile.begin(), tile.end(), 0.0f);
-    ChunkSink sink{s, tile.data()};
-    for (int64_t n = first; n < std::min(end, first + kTile); ++n) {
-      const int64_t at = n * s.hidden;
-      coordinate_backward<H_CT, S>(s, w, grad[n], h + at, c + at, stride, dtheta[n], dh_next + at, dc_next + at,
-                                   dh + at, dc + at, sink);
-    }
-#pragma omp simd
-    for (int64_t e = 0; e < packed; ++e) acc[e] += tile[e];
-  }
-}
-
 template <typename Fn>
 void dispatch_state(const at::Tensor& state, Fn&& fn) {
   if (state.scalar_type() == at::kBFloat16) {
@@ -150,26 +133,21 @@ void forward_cpu(const std::vector<Row>& rows, const at::Tensor& weights, const 
   std::vector<std::pair<int64_t, int64_t>> tasks;  // (row, first coordinate)
   for (int64_t r = 0; r < static_cast<int64_t>(rows.size()); ++r)
     for (int64_t n = 0; n < rows[r][0].numel(); n += kChunk) tasks.emplace_back(r, n);
+  for (const Row& row : rows)
+    for (int out : {4, 6})  // h' and c', unless they are h and c (the optimizer's in-place step)
+      if (!row[out].is_same(row[out - 1])) prefer_huge_pages(row[out]);
   const cpu::BlockWeights w(s, weights.const_data_ptr<float>());
   std::atomic<int64_t> total{0};
   const Factors f = factors(u);
   dispatch_state(rows.front()[3], [&](auto state_tag) {
     using S = decltype(state_tag);
     dispatch_hidden(s, [&](auto hidden) {
-      // Each thread claims the next chunk until none is left: a thread slowed down (by another process on
-      // its core, say) takes fewer chunks instead of holding the others at the end.
-      std::atomic<size_t> next{0};
-      const int64_t threads = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(tasks.size()));
-      at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-        int64_t mine = 0;
-        for (size_t t; (t = next.fetch_add(1)) < tasks.size();) {
-          const Row& row = rows[tasks[t].first];
-          const int64_t begin = tasks[t].second, end = std::min(begin + kChunk, row[0].numel());
-          AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, row[0].scalar_type(), "l2l_forward_cpu", [&] {
-            mine += forward_rows<decltype(hidden)::value, S, scalar_t>(row, begin, end, w, s, skipped != nullptr, f);
-          });
-        }
-        total += mine;
+      claim_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t t) {
+        const Row& row = rows[tasks[t].first];
+        const int64_t begin = tasks[t].second, end = std::min(begin + kChunk, row[0].numel());
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, row[0].scalar_type(), "l2l_forward_cpu", [&] {
+          total += forward_rows<decltype(hidden)::value, S, scalar_t>(row, begin, end, w, s, skipped != nullptr, f);
+        });
       });
     });
   });
@@ -180,35 +158,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
                                                            const at::Tensor& c, const at::Tensor& dtheta,
                                                            const at::Tensor& dh_next, const at::Tensor& dc_next,
                                                            const at::Tensor& weights, const NetShape& s) {
-  const int64_t n = grad.numel(), packed = packed_size(s), stride = n * s.hidden;
+  const int64_t n = grad.numel(), stride = n * s.hidden;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   auto dh = at::empty_like(dh_next), dc = at::empty_like(dc_next);
-  auto partial = at::zeros({std::max<int64_t>(chunks, 1), packed}, weights.options());
+  prefer_huge_pages(dh);
+  prefer_huge_pages(dc);
   const float* w = weights.const_data_ptr<float>();
+  const cpu::BlockWeights wb(s, w);
+  const cpu::AdjointWeights wa(s, w);
+  const cpu::GradLayout layout(s, wb.cols);
+  // One weight-gradient partial per chunk, whichever thread runs it.
+  auto partial = at::zeros({std::max<int64_t>(chunks, 1), layout.size}, weights.options());
   float* acc = partial.data_ptr<float>();
   dispatch_state(h, [&](auto state_tag) {
     using S = decltype(state_tag);
     const S* hp = reinterpret_cast<const S*>(h.const_data_ptr());
     const S* cp = reinterpret_cast<const S*>(c.const_data_ptr());
     dispatch_hidden(s, [&](auto hidden) {
-      at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
-        for (int64_t k = first; k < last; ++k)
-          backward_chunk<decltype(hidden)::value, S>(
-              k * kChunk, std::min(n, (k + 1) * kChunk), grad.const_data_ptr<float>(), hp, cp,
-              dtheta.const_data_ptr<float>(), dh_next.const_data_ptr<float>(), dc_next.const_data_ptr<float>(),
-              dh.data_ptr<float>(), dc.data_ptr<float>(), acc + k * packed, w, s, stride);
+      claim_tasks(chunks, [&](int64_t k) {
+        cpu::chunk_backward<decltype(hidden)::value, S>(
+            s, wb, wa, layout, k * kChunk, std::min(n, (k + 1) * kChunk), grad.const_data_ptr<float>(), hp, cp,
+            dtheta.const_data_ptr<float>(), dh_next.const_data_ptr<float>(), dc_next.const_data_ptr<float>(),
+            dh.data_ptr<float>(), dc.data_ptr<float>(), stride, acc + k * layout.size);
       });
     });
   });
-  // Second stage: chunk partials summed in chunk order (parallel over weight entries only).
-  auto d_weights = at::zeros({packed}, weights.options());
-  float* out = d_weights.data_ptr<float>();
-  at::parallel_for(0, packed, 256, [&](int64_t first, int64_t last) {
+  // Second stage: chunk partials summed in chunk order (parallel over weight entries only), then unpacked.
+  std::vector<float> total(layout.size, 0.0f);
+  at::parallel_for(0, layout.size, 256, [&](int64_t first, int64_t last) {
     for (int64_t k = 0; k < chunks; ++k) {
-      const float* row = acc + k * packed;
-      for (int64_t e = first; e < last; ++e) out[e] += row[e];
+      const float* row = acc + k * layout.size;
+      for (int64_t e = first; e < last; ++e) total[e] += row[e];
     }
   });
+  auto d_weights = at::empty({packed_size(s)}, weights.options());
+  layout.unpack(s, total.data(), d_weights.data_ptr<float>());
   return {dh, dc, d_weights};
 }
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from l2l_fused import L2LOptimizer, available_backends
-from l2l_fused.ops import constants, interface, native
-from l2l_fused.ops.layout import pack
+from l2l_fused.ops import constants, interface, native, reference
+from l2l_fused.ops.layout import NetShape, pack
 from helpers import adversarial_grad, check_group_step, group_inputs, random_net, random_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,6 +166,32 @@ def test_cpu_step_of_hidden_sizes_that_pad_the_weight_tiles(seed, state_dtype, p
                                                                                              generator=generator)].to(g.dtype)
     outs, skipped = _native_group_step(net, thetas, grads, hs, cs)
     assert skipped == check_group_step(net, thetas, grads, hs, cs, *outs, state_dtype)
+
+
+@built
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p,layers,hidden,scale", [(10.0, 3, 1, 0.3), (None, 2, 5, 1.0), (10.0, 1, 33, 0.2),
+                                                   (3.0, 3, 64, 0.5)])
+def test_cpu_backward_of_hidden_sizes_that_pad_the_weight_tiles(seed, state_dtype, p, layers, hidden, scale):
+    """The backward's path for hidden sizes other than the compiled-in 20 (gate columns padded to whole
+    register tiles, input rows to whole gradient tiles, input adjoints to whole vectors), over two chunks
+    of 2048 whose second ends in a partial block, against the float64 reference with the tolerance of
+    test_fused_backends.py's backward tests."""
+    net = random_net(hidden, layers, p, scale)
+    shape = NetShape.of(net)
+    generator = torch.Generator().manual_seed(seed)
+    n = 2048 + 37
+    h, c = (s.to(state_dtype) for s in random_state(net, n))
+    inputs = [adversarial_grad(n, p, generator=generator), h, c, torch.randn(n, generator=generator),
+              torch.randn(h.shape, generator=generator), torch.randn(h.shape, generator=generator)]
+    got = native.backward(*inputs, pack(net).detach(), shape)
+    want = reference.backward(*(t.double() for t in inputs), pack(net).detach().double(), shape)
+    torch32 = reference.backward(*(t.float() for t in inputs), pack(net).detach(), shape)
+    for what, a, b, t in zip(("dh", "dc", "dweights"), got, want, torch32):
+        scale_b = b.abs().max().item()
+        err = (a.double() - b).abs().max().item()
+        err_torch = (t.double() - b).abs().max().item()
+        assert err <= 2 * err_torch + 1e-5 * scale_b, f"{what}: max error {err:.3g}, PyTorch float32 {err_torch:.3g}"
 
 
 def test_package_works_without_the_extension():
