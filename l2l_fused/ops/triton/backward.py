@@ -43,11 +43,11 @@ from torch import Tensor
 from ..constants import BACKWARD_PROGRAMS
 from ..layout import NetShape
 from ..precision import resolve
-from .forward import (GATE_SCALES, INTERPRETER_PROGRAMS, META_TABLE, _activate, _bottom_operand, _cell_tanh, _gate_preacts, _layer,
-                      _load_state, _store_state, _tile_dot, check_weights, packed_from_tiles, padded,
+from .forward import (GATE_SCALES, INTERPRETER_PROGRAMS, META_TABLE, _activate, _bottom_operand, _cell_tanh,
+                      _gate_preacts, _layer, _load_state, _store_state, _tile_dot, check_weights, packed_from_tiles,
                       tensor_core_weights, vector_units)
 from .forward import kernel_constants as forward_constants
-from .math import LOG2E, _dot_data, _features, _join_gates
+from .math import _dot_data, _features, _join_gates
 
 BLOCK_N = 64  # coordinates per block
 NUM_WARPS = 4
@@ -98,7 +98,7 @@ def _l2l_bwd_kernel(
     n_coords, num_blocks, output_scale, inv_p, threshold, exp_p,
     L: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, G: tl.constexpr,
     GA: tl.constexpr, IN: tl.constexpr, PREPROCESS: tl.constexpr, BLOCK_N: tl.constexpr, EXACT: tl.constexpr,
-    PER_GATE: tl.constexpr, ALIGNED: tl.constexpr,
+    PER_GATE: tl.constexpr, ALIGNED: tl.constexpr, S_I: tl.constexpr, S_G: tl.constexpr,
 ):
     # Tiles (tensor_core_weights; the transposed ones are as large): layer 0's [h | x | 1], then per upper
     # layer x and [h | 1]; hi then lo in exact mode. This program's partial row: the same matrices, one
@@ -109,9 +109,6 @@ def _l2l_bwd_kernel(
     P_UPPER: tl.constexpr = K0 * 4 * HP
     P_LAYER: tl.constexpr = (HP + K1) * 4 * HP
     ROW: tl.constexpr = P_UPPER + (L - 1) * P_LAYER + HP + 1
-    # GATE_SCALES: σ's (i, f, o) and tanh's (g)
-    S_I: tl.constexpr = -LOG2E if EXACT else 0.5
-    S_G: tl.constexpr = -2.0 * LOG2E if EXACT else 1.0
     part = partial_ptr + tl.program_id(0) * ROW
     kx = tl.arange(0, HP)
     k1 = tl.arange(0, K1)
@@ -199,9 +196,8 @@ def tile_addresses(tiles: Tensor) -> Tensor:
 
 def partial_row(shape: NetShape) -> int:
     """Floats in a program's row of weight-gradient partial sums (the kernel's ROW)."""
-    H, HP, IN = shape.hidden, padded(shape.hidden), shape.features
-    K0, K1 = padded(H + IN + 1), padded(H + 1)
-    return K0 * 4 * HP + (shape.layers - 1) * (HP + K1) * 4 * HP + HP + 1
+    c = forward_constants(shape, torch.float32, "exact")
+    return c["K0"] * 4 * c["HP"] + (shape.layers - 1) * (c["HP"] + c["K1"]) * 4 * c["HP"] + c["HP"] + 1
 
 
 def kernel_constants(shape: NetShape, state_dtype: torch.dtype, precision: str, block_n: int = BLOCK_N) -> dict:
@@ -209,7 +205,9 @@ def kernel_constants(shape: NetShape, state_dtype: torch.dtype, precision: str, 
     forward = forward_constants(shape, state_dtype, precision, block_n)
     return {**{k: forward[k] for k in ("L", "H", "HP", "K0", "K1", "G", "IN", "PREPROCESS", "BLOCK_N", "EXACT",
                                        "PER_GATE")},
-            "GA": vector_units(shape.hidden, torch.float32)}
+            "GA": vector_units(shape.hidden, torch.float32),
+            # the pre-scales the tiles carry (GATE_SCALES): σ's, shared by i, f and o, and tanh's (g)
+            "S_I": GATE_SCALES[precision][0], "S_G": GATE_SCALES[precision][2]}
 
 
 def backward(grad: Tensor, h: Tensor, c: Tensor, dtheta: Tensor, dh_next: Tensor, dc_next: Tensor, weights: Tensor,
