@@ -57,14 +57,18 @@ def test_unroll_meta_gradient_is_first_order(seed):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_short_meta_training_lowers_validation_loss(seed):
+@pytest.mark.parametrize("objective", ["sum", "log"])
+def test_short_meta_training_lowers_validation_loss(seed, objective):
     """A net that starts by doing nothing (zero head: Δ = 0) must learn to descend. Over seeds, three short
     epochs bring validation to 0.14-0.26 of the do-nothing loss; a broken trainer leaves it at 1."""
     net = _net(seed)
     torch.nn.init.zeros_(net.head.weight)
     torch.nn.init.zeros_(net.head.bias)
-    trainer = MetaTrainer(net, QuadraticTask(), TrainConfig(epochs=3, seed=seed, lr=3e-3, **SMALL))
+    trainer = MetaTrainer(net, QuadraticTask(), TrainConfig(epochs=3, seed=seed, lr=3e-3, objective=objective, **SMALL))
     before = trainer.validate()
+    losses = learned_losses(net, trainer.validation, SMALL["steps"])[1:]
+    want = losses.mean() if objective == "sum" else losses.log().mean().exp()  # the geometric mean
+    torch.testing.assert_close(torch.tensor(before), want)
     state = trainer.train(progress=False)
     assert state.best_val < 0.5 * before, (before, state.history)
     assert state.best_val == min(h["val_loss"] for h in state.history)
@@ -99,6 +103,11 @@ def test_checkpoint_rejects_another_net(seed, tmp_path):
     other = MetaTrainer(LSTMOptimizerNet(hidden_size=5, preprocess_p=None), QuadraticTask(), TrainConfig(**SMALL))
     with pytest.raises(ValueError, match="is for a net"):
         other.load(path)
+
+
+def test_objective_must_be_known():
+    with pytest.raises(ValueError, match=r"objective must be one of \['sum', 'log'\], got 'max'"):
+        TrainConfig(objective="max")
 
 
 def test_truncation_must_divide_steps():

@@ -57,8 +57,9 @@ def final_score(losses: Tensor) -> float:
 def tune(name: str, task: Task, steps: int, n_functions: int, seed: int, grid: list[float] | None = None,
          device="cpu") -> tuple[float, dict[float, float]]:
     """The learning rate on ``grid`` with the lowest mean final loss on ``n_functions`` tuning functions
-    drawn from ``seed`` (kept apart from training, validation and test seeds). Returns ``(lr, scores)``."""
-    problem = task.sample(n_functions, torch.Generator().manual_seed(seed)).to(device)
+    drawn from ``seed`` (kept apart from training, validation and test seeds) on the validation data, as the
+    learned optimizer's φ is chosen. Returns ``(lr, scores)``."""
+    problem = task.sample(n_functions, torch.Generator().manual_seed(seed), "val").to(device)
     scores = {lr: final_score(baseline_losses(name, lr, problem, steps)) for lr in grid or lr_grid()}
     best = min(scores, key=scores.get)
     if not math.isfinite(scores[best]):

@@ -47,7 +47,7 @@ def evaluate(
 ) -> list[Run]:
     """The learned optimizer (float32 state, and bfloat16 state through ``L2LOptimizer(state_dtype=...)``)
     and every baseline (tuned on separate functions) on the same test functions."""
-    test = task.sample(test_functions, torch.Generator().manual_seed(test_seed)).to(device)
+    test = task.sample(test_functions, torch.Generator().manual_seed(test_seed), "test").to(device)
     net = net.to(device)
     bf16 = optimizer_losses(lambda ps: L2LOptimizer(l2l_param_groups(net, ps, test.groups), backend=backend,
                                                     state_dtype=torch.bfloat16), test, steps)

@@ -62,9 +62,11 @@ class Task:
     train_defaults: dict = {}
     eval_defaults: dict = {}
 
-    def sample(self, n_functions: int, generator: torch.Generator) -> Problem:
+    def sample(self, n_functions: int, generator: torch.Generator, split: str = "train") -> Problem:
         """B functions drawn with ``generator`` (a CPU generator: a seed gives the same functions on any
-        device; move them with ``Problem.to``)."""
+        device; move them with ``Problem.to``). ``split`` is the data they are built from: ``"train"`` for
+        meta-training, ``"val"`` for choosing φ and tuning baselines, ``"test"`` for reported results.
+        Tasks without data (quadratics) draw every function fresh and ignore it."""
         raise NotImplementedError
 
     def net_options(self) -> dict:
@@ -120,7 +122,7 @@ class QuadraticTask(Task):
         self.dim = dim
         self.init_std = init_std
 
-    def sample(self, n_functions: int, generator: torch.Generator) -> QuadraticProblem:
+    def sample(self, n_functions: int, generator: torch.Generator, split: str = "train") -> QuadraticProblem:
         d = self.dim
         w = torch.randn(n_functions, d, d, generator=generator)
         y = torch.randn(n_functions, d, generator=generator)

@@ -27,10 +27,20 @@ class TrainConfig:
     grad_clip: Optional[float] = 1.0  # max norm of φ's gradient per update; None = no clipping
     val_functions: int = 256
     seed: int = 0
+    # The meta-objective, per function: "sum", the paper's Σ_t f(θ_t) (w_t = 1); or "log", Σ_t log f(θ_t),
+    # which weights each step by 1/f(θ_t), so halving a small late loss counts as much as halving the first
+    # one. Validation scores φ by the same: the mean loss over steps, or its geometric mean.
+    objective: str = "sum"
 
     def __post_init__(self) -> None:
         if self.steps % self.truncation:
             raise ValueError(f"steps ({self.steps}) must be a multiple of truncation ({self.truncation})")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {self.objective!r}")
+
+
+# Per step and function, the term the meta-objective sums. The floor keeps log finite at a loss of 0.
+OBJECTIVES = {"sum": lambda losses: losses, "log": lambda losses: losses.clamp_min(1e-12).log()}
 
 
 @dataclass
@@ -58,8 +68,10 @@ class MetaTrainer:
     """
 
     def __init__(self, net: Nets, task: Task, config: TrainConfig, backend: str = "auto",
-                 device="cpu") -> None:
+                 device="cpu", recipe: Optional[dict] = None) -> None:
         self.device = torch.device(device)
+        # How the task and φ's start were chosen (command-line options), kept in checkpoints for export.
+        self.recipe = dict(recipe or {})
         self.net, self.task, self.config, self.backend = net.to(self.device), task, config, backend
         self.meta_optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -72,7 +84,7 @@ class MetaTrainer:
         if self.world > 1:  # every rank starts from rank 0's φ, whatever its own initialisation
             for p in self.net.parameters():
                 torch.distributed.broadcast(p.data, src=0)
-        validation = task.sample(config.val_functions, torch.Generator().manual_seed(config.seed + 1))
+        validation = task.sample(config.val_functions, torch.Generator().manual_seed(config.seed + 1), "val")
         self.validation = self._share(validation)
         self.best_state = copy.deepcopy(net.state_dict())
         self.state = TrainState()
@@ -95,7 +107,7 @@ class MetaTrainer:
         total = 0.0
         for _ in range(cfg.steps // cfg.truncation):
             losses = trajectory.advance(cfg.truncation)  # [T, B]
-            meta_loss = losses.sum(0).mean()  # w_t = 1; mean over the batch of functions
+            meta_loss = OBJECTIVES[cfg.objective](losses).sum(0).mean()  # mean over the batch of functions
             self.meta_optimizer.zero_grad()
             meta_loss.backward()
             for p in self.net.parameters():  # equal shares: the mean of the ranks' means is the batch mean
@@ -109,10 +121,12 @@ class MetaTrainer:
         return total / (cfg.steps // cfg.truncation)
 
     def validate(self) -> float:
-        """The meta-objective on the validation functions: mean over functions and steps of the loss. A
-        diverged run (inf or NaN) is worse than any finite one."""
+        """The meta-objective on the validation functions, per step and function: the mean loss ("sum") or
+        its geometric mean ("log"). A diverged run (inf or NaN) is worse than any finite one."""
         losses = learned_losses(self.net, self.validation, self.config.steps, self.backend)
-        value = self._mean_over_ranks(losses[1:].mean()).item()
+        value = self._mean_over_ranks(OBJECTIVES[self.config.objective](losses[1:]).mean()).item()
+        if self.config.objective == "log":
+            value = math.exp(value) if math.isfinite(value) else value
         return value if math.isfinite(value) else math.inf
 
     def train(self, checkpoint_path: Optional[str] = None, progress: bool = True) -> TrainState:
@@ -150,7 +164,7 @@ class MetaTrainer:
             "generator": self.generator.get_state(),
             "train_config": asdict(self.config),
             "task": self.task.name,
-            "data": getattr(getattr(self.task, "dataset", None), "name", None),
+            "recipe": self.recipe,
             "state": asdict(self.state),
         }
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
