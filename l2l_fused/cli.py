@@ -25,8 +25,9 @@ from dataclasses import asdict, fields
 import torch
 
 from .meta import TASKS, ClassificationTask, MetaTrainer, TrainConfig, load_best_net
+from .meta.classification import DEFAULT_DATA, INITS
 from .meta.evaluate import evaluate, plot, table, write_json
-from .pretrained_nets import export, pretrained
+from .pretrained_nets import PRETRAINED, export, load_net, pretrained
 
 EVAL_DEFAULTS = {"test_functions": 512, "tune_functions": 512}
 
@@ -46,8 +47,19 @@ def _parser() -> argparse.ArgumentParser:
         if name == "export":
             p.add_argument("--to", default=None, help="the file to write (default l2l_fused/weights/<task>.pt)")
             continue
-        p.add_argument("--data", default=None, help="mlp, conv: digits (embedded, default), mnist or cifar10")
+        p.add_argument("--data", default=None, help="mlp, conv: mnist5k (embedded, default; the extra "
+                       "l2l_fused[mnist]), digits (embedded), mnist or cifar10 (files in --data-dir)")
         p.add_argument("--data-dir", default=None, help="directory holding the mnist or cifar10 files")
+        if name == "evaluate":
+            p.add_argument("--init", action="append", choices=INITS, default=None,
+                           help="mlp, conv: the optimizees' initialisation, repeatable (default: paper and torch)")
+        else:
+            p.add_argument("--init", choices=INITS, default=None,
+                           help="mlp, conv: the optimizees' initialisation (default paper; mixed = either per function)")
+            p.add_argument("--param-scale", type=float, default=None,
+                           help="mlp, conv: random scaling of training functions, c = exp(U(-λ, λ)) (default 0)")
+            p.add_argument("--init-net", default=None,
+                           help=f"start φ from a shipped net ({', '.join(PRETRAINED)}) or a file export wrote")
         p.add_argument("--backend", default="auto")
         p.add_argument("--device", default="cpu", help="where the functions and the optimizer run (cpu, cuda)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -66,19 +78,29 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt if present")
             for f in fields(TrainConfig):
                 flag = "--" + f.name.replace("_", "-")
-                kind = float if f.name in ("lr", "grad_clip") else int
+                kind = {"lr": float, "grad_clip": float, "objective": str}.get(f.name, int)
                 p.add_argument(flag, type=kind, default=None, help=f"(default {f.default}, unless the task sets one)")
     return parser
 
 
+def _classification(args) -> bool:
+    return issubclass(TASKS[args.task], ClassificationTask)
+
+
+def _task_options(args) -> dict:
+    """The task's options given on the command line (for evaluate, without its list of inits)."""
+    given = {"data": args.data, "data_dir": args.data_dir, "param_scale": getattr(args, "param_scale", None),
+             "init": args.init}
+    options = {k: v for k, v in given.items() if v is not None}
+    if options and not _classification(args):
+        raise SystemExit(f"{', '.join('--' + k.replace('_', '-') for k in options)}: for the mlp and conv tasks only")
+    if args.command == "evaluate":
+        options.pop("init", None)  # evaluate's --init is a list: each is a separate evaluation (_inits)
+    return options
+
+
 def _task(args, variant_options: dict | None = None):
-    cls = TASKS[args.task]
-    options = dict(variant_options or {})
-    if args.data is not None or args.data_dir is not None:
-        if not issubclass(cls, ClassificationTask):
-            raise SystemExit("--data and --data-dir are for the mlp and conv tasks")
-        options.update(data=args.data or "digits", data_dir=args.data_dir)
-    return cls(**options)
+    return TASKS[args.task](**{**_task_options(args), **(variant_options or {})})
 
 
 def _train_config(args, task) -> TrainConfig:
@@ -89,7 +111,12 @@ def _train_config(args, task) -> TrainConfig:
 def _train(args, out: str, task) -> tuple[str, TrainConfig]:
     config = _train_config(args, task)
     torch.manual_seed(config.seed)
-    trainer = MetaTrainer(task.make_net(), task, config, backend=args.backend, device=args.device)
+    net = task.make_net()
+    if args.init_net is not None:
+        net.load_state_dict(load_net(args.init_net).state_dict())
+    recipe = {**_task_options(args), "init_net": args.init_net}
+    trainer = MetaTrainer(net, task, config, backend=args.backend, device=args.device,
+                          recipe={k: v for k, v in recipe.items() if v is not None})
     checkpoint = os.path.join(out, "checkpoint.pt")
     if args.resume and os.path.exists(checkpoint):
         trainer.load(checkpoint)
@@ -111,31 +138,45 @@ def _variants(args) -> list[str]:
     return chosen
 
 
+def _inits(args) -> list[str | None]:
+    """The optimizee initialisations to evaluate on: for the mlp and conv tasks, each one evaluate was given,
+    else the paper's and PyTorch's default (whatever run trained on)."""
+    if not _classification(args):
+        return [None]
+    return (args.init if args.command == "evaluate" else None) or ["paper", "torch"]
+
+
 def _evaluate(args, out: str, net, source: str, seed: int, steps: int | None, extra: dict) -> None:
     variants, chosen = TASKS[args.task].variants, _variants(args)
     sizes = {k: getattr(args, k) if getattr(args, k) is not None else TASKS[args.task].eval_defaults.get(k, v)
              for k, v in EVAL_DEFAULTS.items()}
     report, results = [], {}
-    for variant in chosen:
-        options, variant_steps = variants[variant]
-        task = _task(args, options)
-        k = variant_steps or steps or TrainConfig.steps
-        start = time.perf_counter()
-        runs = evaluate(net, task, k, sizes["test_functions"], seed + 3, sizes["tune_functions"], seed + 2,
-                        args.backend, args.device)
-        elapsed = time.perf_counter() - start
-        text = table(runs, k)
-        heading = f"{task.name}, variant {variant}: {sizes['test_functions']} held-out functions, {k} steps"
-        print(f"\n{heading} ({elapsed:.0f} s)\n{text}")
-        report.append(f"### {heading}\n\n{text}\n")
-        results[variant] = {"steps": k, "options": {k_: list(v) if isinstance(v, tuple) else v for k_, v in options.items()},
-                            "evaluate_seconds": elapsed, "runs": runs}
-        plot(runs, os.path.join(out, "loss.png" if variant == "base" else f"loss-{variant}.png"),
-             f"{task.name} ({variant}): mean loss over {sizes['test_functions']} test functions")
+    for init in _inits(args):
+        for variant in chosen:
+            options, variant_steps = variants[variant]
+            task = _task(args, {**options, **({} if init is None else {"init": init})})
+            k = variant_steps or steps or TrainConfig.steps
+            start = time.perf_counter()
+            runs = evaluate(net, task, k, sizes["test_functions"], seed + 3, sizes["tune_functions"], seed + 2,
+                            args.backend, args.device)
+            elapsed = time.perf_counter() - start
+            text = table(runs, k)
+            name = variant if init in (None, "paper") else f"{variant}-{init}"
+            heading = (f"{task.name}, variant {variant}{'' if init is None else f', {init} init'}: "
+                       f"{sizes['test_functions']} held-out functions, {k} steps")
+            print(f"\n{heading} ({elapsed:.0f} s)\n{text}")
+            report.append(f"### {heading}\n\n{text}\n")
+            results[name] = {"steps": k, "init": init,
+                             "options": {k_: list(v) if isinstance(v, tuple) else v for k_, v in options.items()},
+                             "evaluate_seconds": elapsed, "runs": runs}
+            plot(runs, os.path.join(out, "loss.png" if name == "base" else f"loss-{name}.png"),
+                 f"{task.name} ({variant}{'' if init is None else f', {init} init'}): "
+                 f"mean loss over {sizes['test_functions']} test functions")
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write("\n".join(report))
     write_json(
-        results, os.path.join(out, "results.json"), task=args.task, data=args.data or "digits", **sizes, seed=seed,
+        results, os.path.join(out, "results.json"), task=args.task, data=args.data or (DEFAULT_DATA if _classification(args) else None),
+        **sizes, seed=seed,
         net=source, backend=args.backend, device=args.device, torch=torch.__version__,
         machine=platform.machine(), processor=platform.processor(), cpu_count=os.cpu_count(), **extra,
     )

@@ -12,7 +12,9 @@ from torch import nn
 from .net import Nets, net_from_config
 
 WEIGHTS = os.path.join(os.path.dirname(__file__), "weights")
-PRETRAINED = ("quadratic", "mlp", "conv")
+# "mlp" and "conv" are meta-trained on real MNIST; the "-digits" nets, on the 8×8 digits, are what they
+# start from.
+PRETRAINED = ("quadratic", "mlp", "conv", "mlp-digits", "conv-digits")
 
 
 def _path(name: str) -> str:
@@ -33,10 +35,18 @@ def pretrained(name: str) -> Nets:
     1), ``"mlp"`` (p = 10, output scale 0.1), each an ``LSTMOptimizerNet``; or ``"conv"``, an
     ``nn.ModuleDict`` with one net for convolution parameters (``"conv"``) and one for the rest (``"fc"``):
     pass ``param_groups_by_layer(model, pretrained("conv"))`` to ``L2LOptimizer``."""
-    payload = torch.load(_path(name), map_location="cpu", weights_only=True)
+    return load_net(_path(name)).requires_grad_(False)
+
+
+def load_net(source: str) -> Nets:
+    """A shipped net by name (one of ``PRETRAINED``), or the net in a file :func:`export` wrote."""
+    path = _path(source) if source in PRETRAINED else source
+    if not os.path.isfile(path):
+        raise ValueError(f"no shipped net or file {source!r} (shipped: {list(PRETRAINED)})")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
     net = net_from_config(payload["net_config"])
     net.load_state_dict(payload["net"])
-    return net.requires_grad_(False)
+    return net
 
 
 def param_groups_by_layer(model: nn.Module, nets: nn.ModuleDict) -> list[dict]:
@@ -56,12 +66,14 @@ def export(checkpoint: str, path: str) -> str:
     payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
     config = payload["train_config"]
     command = ["python", "-m", "l2l_fused", "train", "--task", payload["task"]]
-    data = payload.get("data")
-    if data and data != "digits":
-        command += ["--data", data.split("-")[0], "--data-dir", "DATA_DIR"]
+    for key, value in payload.get("recipe", {}).items():  # the task's options and φ's start
+        command += ["--" + key.replace("_", "-"), "DATA_DIR" if key == "data_dir" else str(value)]
+    state = payload["state"]
+    # A run stopped early is reproduced by asking for the epochs it ran: the first E epochs of a longer run
+    # are bit-identical to a run of E epochs.
+    config = {**config, "epochs": state["epoch"]}
     for key in TrainConfig.__dataclass_fields__:
         command += ["--" + key.replace("_", "-"), str(config[key])]
-    state = payload["state"]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save({"task": payload["task"], "net_config": payload["net_config"], "net": payload["best_net"],
                 "train_config": config, "recipe": shlex.join(command), "best_val": state["best_val"],

@@ -39,26 +39,40 @@ def test_mlp_run_evaluates_transfer_variants_and_exports(tmp_path, capsys):
     write_mnist(tmp_path, n=200)
     out = tmp_path / "mlp"
     data = ["--task", "mlp", "--data", "mnist", "--data-dir", str(tmp_path), "--out", str(out), "--no-progress"]
-    argv = ["run", *data, "--epochs", "1", "--iterations-per-epoch", "1", "--batch-size", "2", "--steps", "4",
+    recipe = ["--init", "mixed", "--param-scale", "0.5", "--init-net", "mlp-digits"]
+    argv = ["run", *data, *recipe, "--epochs", "1", "--iterations-per-epoch", "1", "--batch-size", "2", "--steps", "4",
             "--truncation", "2", "--val-functions", "2", "--test-functions", "3", "--tune-functions", "2",
             "--variant", "relu", "--variant", "layers2"]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["data"] == "mnist" and set(results["variants"]) == {"relu", "layers2"}
-    assert results["variants"]["relu"]["options"] == {"activation": "relu"}
-    assert results["variants"]["layers2"]["options"] == {"hidden": [20, 20]}
+    # Both initialisations of every variant, whatever the training mixture was.
+    assert results["data"] == "mnist" and set(results["variants"]) == {"relu", "layers2", "relu-torch", "layers2-torch"}
+    assert results["variants"]["relu"]["options"] == {"activation": "relu"} and results["variants"]["relu"]["init"] == "paper"
+    assert results["variants"]["layers2-torch"]["options"] == {"hidden": [20, 20]}
+    assert results["variants"]["layers2-torch"]["init"] == "torch"
     assert len(results["variants"]["relu"]["optimizers"][LEARNED]["mean_loss_per_step"]) == 5
-    assert (out / "loss-relu.png").exists() and (out / "loss-layers2.png").exists()
-    assert "variant relu" in capsys.readouterr().out
+    for name in ("relu", "layers2", "relu-torch", "layers2-torch"):
+        assert (out / f"loss-{name}.png").exists()
+    assert "variant relu, torch init" in capsys.readouterr().out
 
     exported = tmp_path / "mlp.pt"
     assert main(["export", "--task", "mlp", "--out", str(out), "--to", str(exported)]) == 0
-    recipe = torch.load(exported, weights_only=True)["recipe"]
-    assert recipe.startswith("python -m l2l_fused train --task mlp --data mnist --data-dir DATA_DIR --epochs 1 ")
+    command = torch.load(exported, weights_only=True)["recipe"]
+    assert command.startswith("python -m l2l_fused train --task mlp --data mnist --data-dir DATA_DIR --param-scale 0.5 "
+                              "--init mixed --init-net mlp-digits --epochs 1 ")
+
+    # evaluate takes the inits it is given
+    assert main(["evaluate", *data, "--init", "torch", "--variant", "base", "--steps", "4", "--test-functions", "2",
+                 "--tune-functions", "2"]) == 0
+    assert set(json.loads((out / "results.json").read_text())["variants"]) == {"base-torch"}
 
 
 def test_evaluate_rejects_unknown_variants_and_data_for_quadratics(tmp_path):
     with pytest.raises(SystemExit, match=r"--variant: mlp has variants \['base', 'hidden40', 'layers2', 'relu', 'steps200'\], not \['wide'\]"):
         main(["evaluate", "--task", "mlp", "--pretrained", "--out", str(tmp_path), "--variant", "wide"])
-    with pytest.raises(SystemExit, match="--data and --data-dir are for the mlp and conv tasks"):
+    with pytest.raises(SystemExit, match="--data: for the mlp and conv tasks only"):
         main(["train", "--task", "quadratic", "--data", "mnist", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--param-scale, --init: for the mlp and conv tasks only"):
+        main(["train", "--task", "quadratic", "--init", "torch", "--param-scale", "1", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"no shipped net or file 'nope.pt' \(shipped: \['quadratic', 'mlp', "):
+        main(["train", "--task", "mlp", "--data", "digits", "--init-net", "nope.pt", "--out", str(tmp_path)])
