@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from l2l_fused.meta import DataError, load_cifar10, load_dataset, load_mnist, read_idx
-from l2l_fused.meta.data import MissingExtraError, load_mnist5k, load_splits, read_mnist_csv
+from l2l_fused.meta import (DataError, MissingExtraError, load_cifar10, load_dataset, load_mnist, load_mnist5k,
+                            load_splits, read_idx, read_mnist_csv)
 
 
 def write_idx(path, array: np.ndarray, type_code: int = 0x08) -> None:

@@ -2,7 +2,8 @@
 
 from .baselines import BASELINES, baseline_losses, lr_grid, optimizer_losses, tune
 from .classification import ClassificationTask, ConvTask, MLPTask
-from .data import Dataset, DataError, load_cifar10, load_dataset, load_digits, load_mnist, read_idx
+from .data import (Dataset, DataError, MissingExtraError, load_cifar10, load_dataset, load_digits, load_mnist,
+                   load_mnist5k, load_splits, read_idx, read_mnist_csv)
 from ..net import net_config, net_from_config
 from .nets import l2l_param_groups
 from .tasks import Problem, QuadraticTask, Task
@@ -14,7 +15,8 @@ TASKS: dict[str, type[Task]] = {"quadratic": QuadraticTask, "mlp": MLPTask, "con
 __all__ = [
     "BASELINES", "baseline_losses", "lr_grid", "optimizer_losses", "tune", "ClassificationTask", "ConvTask",
     "MLPTask", "Dataset",
-    "DataError", "load_cifar10", "load_dataset", "load_digits", "load_mnist", "read_idx", "l2l_param_groups",
+    "DataError", "MissingExtraError", "load_cifar10", "load_dataset", "load_digits", "load_mnist", "load_mnist5k",
+    "load_splits", "read_idx", "read_mnist_csv", "l2l_param_groups",
     "net_config", "net_from_config", "Problem", "QuadraticTask", "Task", "TASKS", "MetaTrainer", "TrainConfig",
     "load_best_net", "Trajectory", "learned_losses",
 ]
