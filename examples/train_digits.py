@@ -3,8 +3,8 @@
     python examples/train_digits.py [--steps 300] [--compare-adamw]
 
 Trains a small MLP classifier on scikit-learn's handwritten digits (1,797 8×8 images; 1,500 to train, the
-rest held out) with ``L2LOptimizer(model.parameters(), net=l2l_fused.pretrained("mlp"))``. The loop is the
-one any model would use: forward, backward, ``opt.step()``, ``opt.zero_grad()``; AMP-style gradient
+rest held out) with ``L2LOptimizer(model.parameters(), net=l2l_fused.pretrained("mlp-digits"))``, the net
+meta-trained on these digits. The loop is the one any model would use: forward, backward, ``opt.step()``, ``opt.zero_grad()``; AMP-style gradient
 overflow is handled by the optimizer (NaN/inf coordinates are skipped and counted).
 """
 
@@ -32,7 +32,7 @@ def train(optimizer_name: str, steps: int, seed: int, batch_size: int = 128) -> 
     torch.manual_seed(seed)
     model = make_model()
     if optimizer_name == "l2l":
-        opt = L2LOptimizer(model.parameters(), net=pretrained("mlp"))
+        opt = L2LOptimizer(model.parameters(), net=pretrained("mlp-digits"))
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
     batches = torch.Generator().manual_seed(seed + 1)

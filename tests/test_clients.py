@@ -34,7 +34,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
 def _digits_mlp() -> nn.Module:
-    """The shipped "mlp" net's task: a sigmoid MLP on the 8×8 digits, where it gets the loss down fast."""
+    """The shipped "mlp-digits" net's task: a sigmoid MLP on the 8×8 digits, where it gets the loss down fast."""
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Sigmoid(), nn.Linear(32, 10))
 
 
@@ -95,7 +95,7 @@ def test_lightning_trainer_steps_schedules_and_logs_lr(tmp_path, seed):
             return loss
 
         def configure_optimizers(self):
-            opt = L2LOptimizer(self.parameters(), net=pretrained("mlp"), lr=1.0, weight_decay=0.0)
+            opt = L2LOptimizer(self.parameters(), net=pretrained("mlp-digits"), lr=1.0, weight_decay=0.0)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": _one_cycle(opt), "interval": "step"}}
 
     torch.manual_seed(seed)
@@ -159,7 +159,7 @@ def test_transformers_trainer_builds_its_linear_schedule_on_l2loptimizer(tmp_pat
     config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=SEQ_LEN, n_embd=32, n_layer=2, n_head=2,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     model = transformers.GPT2LMHeadModel(config)
-    opt = L2LOptimizer(model.parameters(), net=pretrained("mlp"), lr=base_lr, weight_decay=0.0)
+    opt = L2LOptimizer(model.parameters(), net=pretrained("mlp-digits"), lr=base_lr, weight_decay=0.0)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=8, logging_steps=logging_steps,
         report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True, seed=seed % 2**31,
@@ -194,9 +194,9 @@ def test_accelerate_prepared_training_schedules_and_resumes(tmp_path, seed, vari
     torch.manual_seed(seed)
     model = _digits_mlp()
     if variant == "float lr":
-        opt = L2LOptimizer(model.parameters(), net=pretrained("mlp"), lr=1.0, weight_decay=0.0)
+        opt = L2LOptimizer(model.parameters(), net=pretrained("mlp-digits"), lr=1.0, weight_decay=0.0)
     else:
-        opt = L2LOptimizer(model.named_parameters(), net=pretrained("mlp"), lr=torch.tensor(1.0), weight_decay=0.0)
+        opt = L2LOptimizer(model.named_parameters(), net=pretrained("mlp-digits"), lr=torch.tensor(1.0), weight_decay=0.0)
     make_scheduler = lambda o: torch.optim.lr_scheduler.LinearLR(  # noqa: E731
         o, start_factor=1.0, end_factor=0.25, total_iters=ACCELERATE_STEPS)
     sched = make_scheduler(opt)

@@ -80,7 +80,7 @@ def test_pretrained_mlp_trains_an_nn_module_through_l2loptimizer(seed):
     images, labels = _digits()
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 20), nn.Sigmoid(), nn.Linear(20, 10))
-    losses = _train(model, L2LOptimizer(model.parameters(), net=pretrained("mlp")), images, labels, 100, seed)
+    losses = _train(model, L2LOptimizer(model.parameters(), net=pretrained("mlp-digits")), images, labels, 100, seed)
     assert sum(losses[-10:]) / 10 < 0.5 * losses[0], losses
 
 
@@ -90,7 +90,7 @@ def test_pretrained_conv_nets_split_by_layer_type(seed):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8, affine=False), nn.ReLU(), nn.MaxPool2d(2),
                           nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
-    nets = pretrained("conv")
+    nets = pretrained("conv-digits")
     groups = param_groups_by_layer(model, nets)
     assert [g["net"] for g in groups] == [nets["conv"], nets["fc"]]
     assert [len(g["params"]) for g in groups] == [2, 2]
