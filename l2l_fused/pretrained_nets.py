@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shlex
+from dataclasses import asdict
 
 import torch
 from torch import nn
@@ -64,14 +65,14 @@ def export(checkpoint: str, path: str) -> str:
     from .meta.trainer import TrainConfig  # meta-training (and tqdm) load only for those who export
 
     payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    config = payload["train_config"]
     command = ["python", "-m", "l2l_fused", "train", "--task", payload["task"]]
     for key, value in payload.get("recipe", {}).items():  # the task's options and φ's start
         command += ["--" + key.replace("_", "-"), "DATA_DIR" if key == "data_dir" else str(value)]
     state = payload["state"]
     # A run stopped early is reproduced by asking for the epochs it ran: the first E epochs of a longer run
-    # are bit-identical to a run of E epochs.
-    config = {**config, "epochs": state["epoch"]}
+    # are bit-identical to a run of E epochs. A checkpoint from before a TrainConfig field existed was
+    # trained with that field's default.
+    config = asdict(TrainConfig(**{**payload["train_config"], "epochs": state["epoch"]}))
     for key in TrainConfig.__dataclass_fields__:
         command += ["--" + key.replace("_", "-"), str(config[key])]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
