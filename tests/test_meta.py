@@ -96,6 +96,33 @@ def test_checkpoint_resume_is_bit_identical(seed, tmp_path):
         assert torch.equal(a, b)
 
 
+class _BlowingUpQuadratics(QuadraticTask):
+    """Quadratics of which every other batch holds a function whose loss is inf."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches = 0
+
+    def sample(self, n_functions, generator, split="train"):
+        problem = super().sample(n_functions, generator, split)
+        self.batches += 1
+        if split == "train" and self.batches % 2 == 0:
+            problem.w[0] = float("inf")
+        return problem
+
+
+def test_a_non_finite_meta_gradient_skips_the_update(seed):
+    """An optimizee that blows up would make φ NaN for good; the trainer skips that update and counts it,
+    and the finite batches still train φ."""
+    net = _net(seed)
+    trainer = MetaTrainer(net, _BlowingUpQuadratics(), TrainConfig(epochs=1, seed=seed, **SMALL))
+    trainer.train(progress=False)
+    truncations = SMALL["steps"] // SMALL["truncation"]
+    assert trainer.state.skipped_updates == truncations * (SMALL["iterations_per_epoch"] // 2)
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    assert not all(torch.equal(a, b) for a, b in zip(net.parameters(), _net(seed).parameters()))
+
+
 def test_checkpoint_rejects_another_net(seed, tmp_path):
     path = str(tmp_path / "ckpt.pt")
     trainer = MetaTrainer(_net(seed), QuadraticTask(), TrainConfig(epochs=1, **SMALL))

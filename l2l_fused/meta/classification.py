@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .data import SPLITS, Dataset, load_splits
-from .tasks import Problem, Task, shard_slice
+from .tasks import Problem, Task, draw_minibatch, random_scales, shard_slice
 
 ACTIVATIONS = {"sigmoid": torch.sigmoid, "relu": torch.relu}
 # "paper": every parameter N(0, init_std²), as the paper's published code. "torch": PyTorch's default for
@@ -127,11 +127,9 @@ class ClassificationProblem(Problem):
         return self.model.groups()
 
     def minibatch(self, step: int) -> Tensor:
-        """Indices ``[B, batch_size]`` of step's minibatch per function (drawn with replacement), the same
-        for every optimizer run on this problem and on any device."""
-        generator = torch.Generator().manual_seed(self.seed + step)
-        index = torch.randint(len(self.labels), (self.sampled_functions, self.batch_size), generator=generator)
-        return index[self.first_function:self.first_function + self.init[0].shape[0]]
+        """Indices ``[B, batch_size]`` of step's minibatch per function (``draw_minibatch``)."""
+        return draw_minibatch(self.seed, step, len(self.labels), self.batch_size, self.sampled_functions,
+                              self.first_function, self.init[0].shape[0])
 
     def shard(self, index: int, count: int) -> "ClassificationProblem":
         part = shard_slice(self.init[0].shape[0], index, count)
@@ -195,9 +193,7 @@ class ClassificationTask(Task):
         seed = int(torch.randint(2**62, (), generator=generator))
         scales = None
         if split == "train" and self.param_scale > 0:
-            scales = [torch.empty_like(p).uniform_(-self.param_scale, self.param_scale, generator=generator).exp_()
-                      for p in init]
-            init = [p / c for p, c in zip(init, scales)]
+            scales, init = random_scales(init, self.param_scale, generator)
         data = self.splits[split]
         return ClassificationProblem(images=data.images, labels=data.labels, init=init, model=self.model,
                                      batch_size=self.batch_size, seed=seed, sampled_functions=n_functions,

@@ -129,3 +129,20 @@ class QuadraticTask(Task):
         theta0 = self.init_std * torch.randn(n_functions, d, generator=generator)
         return QuadraticProblem(w=w, y=y, theta0=theta0)
 
+
+
+def draw_minibatch(seed: int, step: int, high: int, size: int, sampled_functions: int, first_function: int,
+                   n_functions: int) -> Tensor:
+    """Step's minibatch, ``size`` indices in ``[0, high)`` (with replacement) per function, for functions
+    ``[first_function, first_function + n_functions)`` of the ``sampled_functions`` drawn together: the same
+    for every optimizer run on them, on any device, and after ``Problem.shard``."""
+    generator = torch.Generator().manual_seed(seed + step)
+    index = torch.randint(high, (sampled_functions, size), generator=generator)
+    return index[first_function:first_function + n_functions]
+
+
+def random_scales(init: list[Tensor], scale: float, generator: torch.Generator) -> tuple[list[Tensor], list[Tensor]]:
+    """Lv et al. (2017)'s random scaling: per coordinate c = exp(U(−λ, λ)), λ = ``scale``. Returns ``(c, θ₀ / c)``:
+    the function becomes f(c ⊙ θ), started where the unscaled one would be."""
+    scales = [torch.empty_like(p).uniform_(-scale, scale, generator=generator).exp_() for p in init]
+    return scales, [p / c for p, c in zip(init, scales)]

@@ -49,6 +49,7 @@ class TrainState:
     best_val: float = math.inf
     best_epoch: int = -1
     history: list = field(default_factory=list)  # per epoch: {"epoch", "train_loss", "val_loss"}
+    skipped_updates: int = 0  # φ updates skipped for a non-finite meta-gradient
 
 
 class MetaTrainer:
@@ -110,12 +111,17 @@ class MetaTrainer:
             meta_loss = OBJECTIVES[cfg.objective](losses).sum(0).mean()  # mean over the batch of functions
             self.meta_optimizer.zero_grad()
             meta_loss.backward()
-            for p in self.net.parameters():  # equal shares: the mean of the ranks' means is the batch mean
-                if p.grad is not None:
-                    self._mean_over_ranks(p.grad)
-            if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
-            self.meta_optimizer.step()
+            grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+            for g in grads:  # equal shares: the mean of the ranks' means is the batch mean
+                self._mean_over_ranks(g)
+            # A function that blew up (inf or NaN loss) would make φ NaN for good: that truncation teaches
+            # nothing, and every rank sees the same averaged gradients, so every rank skips it.
+            if all(bool(torch.isfinite(g).all()) for g in grads):
+                if cfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
+                self.meta_optimizer.step()
+            else:
+                self.state.skipped_updates += 1
             trajectory.detach()
             total += self._mean_over_ranks(losses.detach().mean()).item()
         return total / (cfg.steps // cfg.truncation)
