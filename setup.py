@@ -68,7 +68,8 @@ setup(
     version="0.1.0",
     description="Fused kernels for the learned LSTM optimizer of Andrychowicz et al. (2016)",
     packages=find_packages(include=["l2l_fused", "l2l_fused.*"]),
-    package_data={"l2l_fused": ["weights/*.pt"]},  # the pretrained optimizers, a few KB each
+    # The pretrained optimizers (a few KB each) and the two text corpora (CPython docs and source, 210 KB).
+    package_data={"l2l_fused": ["weights/*.pt", "corpora/*.txt.gz"]},
     ext_modules=[Extension("l2l_fused._C", sources=[])],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",
