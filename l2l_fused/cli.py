@@ -24,7 +24,8 @@ from dataclasses import asdict, fields
 
 import torch
 
-from .meta import TASKS, ClassificationTask, MetaTrainer, TrainConfig, load_best_net
+from .meta import SUITE, TASKS, ClassificationTask, GeneralTask, MetaTrainer, TrainConfig, load_best_net
+from .meta import suite
 from .meta.classification import DEFAULT_DATA, INITS
 from .meta.evaluate import evaluate, plot, table, write_json
 from .pretrained_nets import PRETRAINED, export, load_net, pretrained
@@ -57,7 +58,10 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--init", choices=INITS, default=None,
                            help="mlp, conv: the optimizees' initialisation (default paper; mixed = either per function)")
             p.add_argument("--param-scale", type=float, default=None,
-                           help="mlp, conv: random scaling of training functions, c = exp(U(-λ, λ)) (default 0)")
+                           help="mlp, conv, general: random scaling of training functions' parameters, "
+                                "c = exp(U(-λ, λ)) (default 0; general 0.5)")
+            p.add_argument("--loss-scale", type=float, default=None,
+                           help="general: training functions' losses times exp(U(-μ, μ)) (default 2)")
             p.add_argument("--init-net", default=None,
                            help=f"start φ from a shipped net ({', '.join(PRETRAINED)}) or a file export wrote")
         p.add_argument("--backend", default="auto")
@@ -68,7 +72,17 @@ def _parser() -> argparse.ArgumentParser:
         if name != "train":
             p.add_argument("--variant", action="append", default=None,
                            help="transfer variant to evaluate, repeatable (default: all of the task's; see README)")
+        if name != "train":
+            p.add_argument("--problem", action="append", choices=list(SUITE), default=None,
+                           help="the held-out suite (evaluate --suite, run --task general): a problem to run, "
+                                "repeatable (default all)")
         if name == "evaluate":
+            p.add_argument("--suite", action="store_true",
+                           help="the held-out suite: models and data no net was trained on, against AdamW")
+            p.add_argument("--net", action="append", default=None,
+                           help="--suite: a shipped net or a file export wrote, repeatable (default general)")
+            p.add_argument("--lr", action="append", type=float, default=None,
+                           help="--suite: the learned optimizer's lr multiplier, repeatable (default 1)")
             source = p.add_mutually_exclusive_group()
             source.add_argument("--checkpoint", default=None, help="default <out>/checkpoint.pt")
             source.add_argument("--pretrained", action="store_true", help="the net shipped for --task")
@@ -87,13 +101,22 @@ def _classification(args) -> bool:
     return issubclass(TASKS[args.task], ClassificationTask)
 
 
+# The task options each kind of task takes from the command line.
+_CLASSIFICATION_OPTIONS = ("data", "data_dir", "param_scale", "init")
+_GENERAL_OPTIONS = ("param_scale", "loss_scale")
+
+
 def _task_options(args) -> dict:
     """The task's options given on the command line (for evaluate, without its list of inits)."""
     given = {"data": args.data, "data_dir": args.data_dir, "param_scale": getattr(args, "param_scale", None),
-             "init": args.init}
+             "loss_scale": getattr(args, "loss_scale", None), "init": args.init}
     options = {k: v for k, v in given.items() if v is not None}
-    if options and not _classification(args):
-        raise SystemExit(f"{', '.join('--' + k.replace('_', '-') for k in options)}: for the mlp and conv tasks only")
+    allowed = (_CLASSIFICATION_OPTIONS if _classification(args) else
+               _GENERAL_OPTIONS if TASKS[args.task] is GeneralTask else ())
+    refused = [k for k in options if k not in allowed]
+    if refused:
+        raise SystemExit(f"{', '.join('--' + k.replace('_', '-') for k in refused)}: not an option of the "
+                         f"{args.task} task")
     if args.command == "evaluate":
         options.pop("init", None)  # evaluate's --init is a list: each is a separate evaluation (_inits)
     return options
@@ -183,6 +206,30 @@ def _evaluate(args, out: str, net, source: str, seed: int, steps: int | None, ex
     print(f"wrote {out}/table.md, results.json, plots")
 
 
+def _suite(args, out: str, nets: dict, extra: dict) -> None:
+    """The held-out suite for ``nets``: table, JSON, plot."""
+    sizes = {"test_functions": args.test_functions or suite.TEST_FUNCTIONS,
+             "tune_functions": args.tune_functions or suite.TUNE_FUNCTIONS}
+    # run's --seed and --steps are meta-training's: the suite keeps its own functions and 200 steps there.
+    evaluating = args.command == "evaluate"
+    lrs = (args.lr if evaluating else None) or [1.0]
+    seed = args.seed if evaluating else TrainConfig.seed
+    steps = (args.steps if evaluating else None) or suite.STEPS
+    start = time.perf_counter()
+    results = suite.evaluate_suite(nets, lrs, steps, sizes["test_functions"], sizes["tune_functions"], seed,
+                                   args.backend, args.problem)
+    elapsed = time.perf_counter() - start
+    heading = (f"held-out suite: {sizes['test_functions']} test functions a problem, {steps} steps, AdamW tuned "
+               f"on {sizes['tune_functions']} validation functions ({elapsed:.0f} s)")
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(f"### {heading}\n\n{suite.table(results)}\n")
+    suite.write_json(results, os.path.join(out, "results.json"), steps=steps, **sizes, seed=seed, lr_multipliers=lrs,
+                     evaluate_seconds=elapsed, backend=args.backend, torch=torch.__version__,
+                     machine=platform.machine(), processor=platform.processor(), cpu_count=os.cpu_count(), **extra)
+    suite.plot(results, os.path.join(out, "suite.png"))
+    print(f"\n{heading}\nwrote {out}/table.md, results.json, suite.png")
+
+
 def _init_distributed(args) -> int:
     """Join torchrun's process group; returns this rank."""
     if args.device.startswith("cuda"):
@@ -194,7 +241,7 @@ def _init_distributed(args) -> int:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    out = args.out or os.path.join("runs", args.task)
+    out = args.out or os.path.join("runs", "suite" if getattr(args, "suite", False) else args.task)
     start = time.perf_counter()
     if args.command == "export":
         checkpoint = os.path.join(out, "checkpoint.pt")
@@ -207,7 +254,15 @@ def main(argv=None) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command != "evaluate":
         rank = _init_distributed(args)
     os.makedirs(out, exist_ok=True)
-    if args.command == "evaluate":
+    if args.command == "evaluate" and args.suite:
+        if args.pretrained:
+            raise SystemExit("--pretrained: with --suite, name the nets with --net (default general)")
+        names = args.net or ([] if args.checkpoint else ["general"])
+        nets = {name: load_net(name) for name in names}
+        if args.checkpoint:
+            nets[args.checkpoint] = load_best_net(args.checkpoint)
+        _suite(args, out, nets, {"nets": list(nets)})
+    elif args.command == "evaluate":
         if args.pretrained:
             net, source = pretrained(args.task), f"l2l_fused.pretrained({args.task!r})"
         else:
@@ -222,7 +277,10 @@ def main(argv=None) -> int:
             torch.distributed.destroy_process_group()
         if args.command == "run" and rank == 0:
             extra = {"train_config": asdict(config), "command": shlex.join(["python", "-m", "l2l_fused", *(argv or sys.argv[1:])])}
-            _evaluate(args, out, load_best_net(checkpoint), checkpoint, config.seed, config.steps, extra)
+            if TASKS[args.task] is GeneralTask:  # its held-out test is the suite, not more of its mixture
+                _suite(args, out, {checkpoint: load_best_net(checkpoint)}, extra)
+            else:
+                _evaluate(args, out, load_best_net(checkpoint), checkpoint, config.seed, config.steps, extra)
     print(f"total {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -70,9 +70,48 @@ def test_mlp_run_evaluates_transfer_variants_and_exports(tmp_path, capsys):
 def test_evaluate_rejects_unknown_variants_and_data_for_quadratics(tmp_path):
     with pytest.raises(SystemExit, match=r"--variant: mlp has variants \['base', 'hidden40', 'layers2', 'relu', 'steps200'\], not \['wide'\]"):
         main(["evaluate", "--task", "mlp", "--pretrained", "--out", str(tmp_path), "--variant", "wide"])
-    with pytest.raises(SystemExit, match="--data: for the mlp and conv tasks only"):
+    with pytest.raises(SystemExit, match="--data: not an option of the quadratic task"):
         main(["train", "--task", "quadratic", "--data", "mnist", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="--param-scale, --init: for the mlp and conv tasks only"):
+    with pytest.raises(SystemExit, match="--param-scale, --init: not an option of the quadratic task"):
         main(["train", "--task", "quadratic", "--init", "torch", "--param-scale", "1", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match=r"no shipped net or file 'nope.pt' \(shipped: \['quadratic', 'mlp', "):
         main(["train", "--task", "mlp", "--data", "digits", "--init-net", "nope.pt", "--out", str(tmp_path)])
+
+
+def test_general_run_trains_on_the_mixture_then_runs_the_suite(tmp_path, capsys):
+    pytest.importorskip("mlxtend")
+    out = tmp_path / "general"
+    argv = ["run", "--task", "general", "--out", str(out), "--no-progress", "--init-net", "mlp", "--loss-scale", "1",
+            "--epochs", "1", "--iterations-per-epoch", "1", "--batch-size", "3", "--steps", "4", "--truncation", "2",
+            "--val-functions", "3", "--test-functions", "2", "--tune-functions", "1",
+            "--problem", "logistic/breast-cancer"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["problems"]) == {"logistic/breast-cancer"} and results["steps"] == 200
+    checkpoint = str(out / "checkpoint.pt")
+    assert set(results["problems"]["logistic/breast-cancer"]["optimizers"]) == {checkpoint, "AdamW", "AdamW (tuned)"}
+    assert (out / "suite.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "held-out suite: 2 test functions a problem, 200 steps" in capsys.readouterr().out
+
+    exported = tmp_path / "general.pt"
+    assert main(["export", "--task", "general", "--out", str(out), "--to", str(exported)]) == 0
+    assert torch.load(exported, weights_only=True)["recipe"].startswith(
+        "python -m l2l_fused train --task general --loss-scale 1.0 --init-net mlp --epochs 1 ")
+
+    # evaluate --suite: shipped nets and files by --net, lr multipliers, its own steps
+    suite = tmp_path / "suite"
+    assert main(["evaluate", "--suite", "--out", str(suite), "--net", "mlp", "--net", str(exported), "--lr", "1",
+                 "--lr", "2", "--steps", "6", "--test-functions", "2", "--tune-functions", "1",
+                 "--problem", "autoencoder/digits"]) == 0
+    optimizers = json.loads((suite / "results.json").read_text())["problems"]["autoencoder/digits"]["optimizers"]
+    assert set(optimizers) == {"mlp", "mlp (lr 2)", str(exported), f"{exported} (lr 2)", "AdamW", "AdamW (tuned)"}
+    assert len(optimizers["mlp (lr 2)"]["mean_loss_per_step"]) == 7
+
+
+def test_suite_options_are_checked(tmp_path):
+    with pytest.raises(SystemExit, match="--pretrained: with --suite, name the nets with --net"):
+        main(["evaluate", "--suite", "--pretrained", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--loss-scale: not an option of the mlp task"):
+        main(["train", "--task", "mlp", "--loss-scale", "1", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--suite", "--problem", "mnist", "--out", str(tmp_path)])

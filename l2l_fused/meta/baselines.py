@@ -24,8 +24,10 @@ def lr_grid(low: float = 1e-4, high: float = 10.0, per_decade: int = 4) -> list[
     return [low * 10 ** (k / per_decade) for k in range(n + 1)]
 
 
-def optimizer_losses(make_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer], problem: Problem, steps: int) -> Tensor:
-    """Losses ``[steps + 1, B]`` (step 0 = initial) of a ``torch.optim`` optimizer on a batch of functions.
+def optimize(make_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer], problem: Problem,
+             steps: int) -> tuple[Tensor, list[Tensor]]:
+    """Losses ``[steps + 1, B]`` (step 0 = initial) of a ``torch.optim`` optimizer on a batch of functions,
+    and the parameters it ends at.
 
     The optimizers here are coordinatewise, so stepping on the summed loss of B functions optimizes each
     one independently, exactly as if it ran alone.
@@ -41,7 +43,12 @@ def optimizer_losses(make_optimizer: Callable[[list[Tensor]], torch.optim.Optimi
         optimizer.zero_grad()
         loss.sum().backward()
         optimizer.step()
-    return torch.stack(losses)
+    return torch.stack(losses), [p.detach() for p in params]
+
+
+def optimizer_losses(make_optimizer: Callable[[list[Tensor]], torch.optim.Optimizer], problem: Problem, steps: int) -> Tensor:
+    """:func:`optimize`'s losses."""
+    return optimize(make_optimizer, problem, steps)[0]
 
 
 def baseline_losses(name: str, lr: float, problem: Problem, steps: int) -> Tensor:
