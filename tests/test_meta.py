@@ -57,7 +57,7 @@ def test_unroll_meta_gradient_is_first_order(seed):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("objective", ["sum", "log"])
+@pytest.mark.parametrize("objective", ["sum", "log", "relative"])
 def test_short_meta_training_lowers_validation_loss(seed, objective):
     """A net that starts by doing nothing (zero head: Δ = 0) must learn to descend. Over seeds, three short
     epochs bring validation to 0.14-0.26 of the do-nothing loss; a broken trainer leaves it at 1."""
@@ -67,7 +67,9 @@ def test_short_meta_training_lowers_validation_loss(seed, objective):
     trainer = MetaTrainer(net, QuadraticTask(), TrainConfig(epochs=3, seed=seed, lr=3e-3, objective=objective, **SMALL))
     before = trainer.validate()
     losses = learned_losses(net, trainer.validation, SMALL["steps"])[1:]
-    want = losses.mean() if objective == "sum" else losses.log().mean().exp()  # the geometric mean
+    initial = trainer.validation.loss(trainer.validation.params, 0)
+    want = {"sum": losses.mean(), "log": losses.log().mean().exp(),  # the geometric mean
+            "relative": (losses / initial).mean()}[objective]
     torch.testing.assert_close(torch.tensor(before), want)
     state = trainer.train(progress=False)
     assert state.best_val < 0.5 * before, (before, state.history)
@@ -133,7 +135,7 @@ def test_checkpoint_rejects_another_net(seed, tmp_path):
 
 
 def test_objective_must_be_known():
-    with pytest.raises(ValueError, match=r"objective must be one of \['sum', 'log'\], got 'max'"):
+    with pytest.raises(ValueError, match=r"objective must be one of \['sum', 'log', 'relative'\], got 'max'"):
         TrainConfig(objective="max")
 
 

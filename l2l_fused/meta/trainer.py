@@ -27,9 +27,11 @@ class TrainConfig:
     grad_clip: Optional[float] = 1.0  # max norm of φ's gradient per update; None = no clipping
     val_functions: int = 256
     seed: int = 0
-    # The meta-objective, per function: "sum", the paper's Σ_t f(θ_t) (w_t = 1); or "log", Σ_t log f(θ_t),
+    # The meta-objective, per function: "sum", the paper's Σ_t f(θ_t) (w_t = 1); "log", Σ_t log f(θ_t),
     # which weights each step by 1/f(θ_t), so halving a small late loss counts as much as halving the first
-    # one. Validation scores φ by the same: the mean loss over steps, or its geometric mean.
+    # one; or "relative", Σ_t f(θ_t)/f(θ_0), which weights every function alike whatever its loss's scale and
+    # charges a loss that climbs above its start in proportion (log would charge a blow-up little). Validation
+    # scores φ by the same: the mean (relative) loss over steps, or the geometric mean.
     objective: str = "sum"
 
     def __post_init__(self) -> None:
@@ -39,8 +41,10 @@ class TrainConfig:
             raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {self.objective!r}")
 
 
-# Per step and function, the term the meta-objective sums. The floor keeps log finite at a loss of 0.
-OBJECTIVES = {"sum": lambda losses: losses, "log": lambda losses: losses.clamp_min(1e-12).log()}
+# Per step and function, the term the meta-objective sums, from the losses [T, B] and the initial ones [B].
+# The floor keeps log finite at a loss of 0.
+OBJECTIVES = {"sum": lambda losses, initial: losses, "log": lambda losses, initial: losses.clamp_min(1e-12).log(),
+              "relative": lambda losses, initial: losses / initial}
 
 
 @dataclass
@@ -108,7 +112,8 @@ class MetaTrainer:
         total = 0.0
         for _ in range(cfg.steps // cfg.truncation):
             losses = trajectory.advance(cfg.truncation)  # [T, B]
-            meta_loss = OBJECTIVES[cfg.objective](losses).sum(0).mean()  # mean over the batch of functions
+            # mean over the batch of functions
+            meta_loss = OBJECTIVES[cfg.objective](losses, trajectory.initial_loss.detach()).sum(0).mean()
             self.meta_optimizer.zero_grad()
             meta_loss.backward()
             grads = [p.grad for p in self.net.parameters() if p.grad is not None]
@@ -130,7 +135,7 @@ class MetaTrainer:
         """The meta-objective on the validation functions, per step and function: the mean loss ("sum") or
         its geometric mean ("log"). A diverged run (inf or NaN) is worse than any finite one."""
         losses = learned_losses(self.net, self.validation, self.config.steps, self.backend)
-        value = self._mean_over_ranks(OBJECTIVES[self.config.objective](losses[1:]).mean()).item()
+        value = self._mean_over_ranks(OBJECTIVES[self.config.objective](losses[1:], losses[0]).mean()).item()
         if self.config.objective == "log":
             value = math.exp(value) if math.isfinite(value) else value
         return value if math.isfinite(value) else math.inf
