@@ -224,7 +224,7 @@ def _suite(args, out: str, nets: dict, extra: dict) -> None:
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(f"### {heading}\n\n{suite.table(results)}\n")
     suite.write_json(results, os.path.join(out, "results.json"), steps=steps, **sizes, seed=seed, lr_multipliers=lrs,
-                     evaluate_seconds=elapsed, backend=args.backend, torch=torch.__version__,
+                     evaluate_seconds=elapsed, date=time.strftime("%Y-%m-%d"), backend=args.backend, torch=torch.__version__,
                      machine=platform.machine(), processor=platform.processor(), cpu_count=os.cpu_count(), **extra)
     suite.plot(results, os.path.join(out, "suite.png"))
     print(f"\n{heading}\nwrote {out}/table.md, results.json, suite.png")
@@ -237,6 +237,10 @@ def _init_distributed(args) -> int:
         torch.cuda.set_device(args.device)
     torch.distributed.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     return torch.distributed.get_rank()
+
+
+def _command(argv) -> str:
+    return shlex.join(["python", "-m", "l2l_fused", *(argv or sys.argv[1:])])
 
 
 def main(argv=None) -> int:
@@ -261,7 +265,7 @@ def main(argv=None) -> int:
         nets = {name: load_net(name) for name in names}
         if args.checkpoint:
             nets[args.checkpoint] = load_best_net(args.checkpoint)
-        _suite(args, out, nets, {"nets": list(nets)})
+        _suite(args, out, nets, {"nets": list(nets), "command": _command(argv)})
     elif args.command == "evaluate":
         if args.pretrained:
             net, source = pretrained(args.task), f"l2l_fused.pretrained({args.task!r})"
@@ -276,7 +280,7 @@ def main(argv=None) -> int:
             torch.distributed.barrier()  # rank 0's last checkpoint is written
             torch.distributed.destroy_process_group()
         if args.command == "run" and rank == 0:
-            extra = {"train_config": asdict(config), "command": shlex.join(["python", "-m", "l2l_fused", *(argv or sys.argv[1:])])}
+            extra = {"train_config": asdict(config), "command": _command(argv)}
             if TASKS[args.task] is GeneralTask:  # its held-out test is the suite, not more of its mixture
                 _suite(args, out, {checkpoint: load_best_net(checkpoint)}, extra)
             else:
