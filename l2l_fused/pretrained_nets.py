@@ -14,8 +14,8 @@ from .net import Nets, net_from_config
 
 WEIGHTS = os.path.join(os.path.dirname(__file__), "weights")
 # "mlp" and "conv" are meta-trained on real MNIST; the "-digits" nets, on the 8×8 digits, are what they
-# start from.
-PRETRAINED = ("quadratic", "mlp", "conv", "mlp-digits", "conv-digits")
+# start from. "general" (from "mlp") on a mixture of MLPs, CNNs and transformers: the one for other models.
+PRETRAINED = ("quadratic", "mlp", "conv", "mlp-digits", "conv-digits", "general")
 
 
 def _path(name: str) -> str:
@@ -32,10 +32,11 @@ def pretrained_info(name: str) -> dict:
 
 
 def pretrained(name: str) -> Nets:
-    """The learned optimizer meta-trained on task ``name``: ``"quadratic"`` (raw gradients, output scale
-    1), ``"mlp"`` (p = 10, output scale 0.1), each an ``LSTMOptimizerNet``; or ``"conv"``, an
-    ``nn.ModuleDict`` with one net for convolution parameters (``"conv"``) and one for the rest (``"fc"``):
-    pass ``param_groups_by_layer(model, pretrained("conv"))`` to ``L2LOptimizer``."""
+    """The learned optimizer meta-trained on task ``name``: ``"general"`` (MLPs, CNNs with and without batch
+    norm and tiny transformers: the one for a model of your own), ``"quadratic"`` (raw gradients, output
+    scale 1), ``"mlp"`` (the paper's MNIST MLP; p = 10, output scale 0.1), each an ``LSTMOptimizerNet``; or
+    ``"conv"``, an ``nn.ModuleDict`` with one net for convolution parameters (``"conv"``) and one for the
+    rest (``"fc"``): pass ``param_groups_by_layer(model, pretrained("conv"))`` to ``L2LOptimizer``."""
     return load_net(_path(name)).requires_grad_(False)
 
 

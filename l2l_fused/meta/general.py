@@ -47,14 +47,16 @@ class GeneralTask(Task):
     drawn afresh, all from PyTorch's default initialisation. Training functions (not validation or test
     ones) are randomly rescaled: parameters by exp(U(−λ, λ)) per coordinate (``param_scale``), losses by
     exp(U(−μ, μ)) per function (``loss_scale``), so φ meets gradients of many scales. The paper's φ (two
-    LSTM layers of 20, p = 10, output scale 0.1)."""
+    LSTM layers of 20, p = 10, output scale 0.1). The meta-objective is each function's loss relative to
+    its start ("relative"): the kinds' losses differ in scale, and a blow-up must cost in proportion, where
+    "log" charges it only its logarithm."""
 
     name = "general"
     preprocess_p = 10.0
     output_scale = 0.1
     variants = {"base": ({}, None)}
-    train_defaults = {"batch_size": 12, "epochs": 8, "iterations_per_epoch": 8, "truncation": 50,
-                      "objective": "log", "val_functions": 12}
+    train_defaults = {"batch_size": 12, "epochs": 8, "iterations_per_epoch": 8, "truncation": 50, "lr": 3e-4,
+                      "objective": "relative", "val_functions": 12}
 
     def __init__(self, param_scale: float = 0.5, loss_scale: float = 2.0) -> None:
         for name, value in (("param_scale", param_scale), ("loss_scale", loss_scale)):
