@@ -72,7 +72,6 @@ def _parser() -> argparse.ArgumentParser:
         if name != "train":
             p.add_argument("--variant", action="append", default=None,
                            help="transfer variant to evaluate, repeatable (default: all of the task's; see README)")
-        if name != "train":
             p.add_argument("--problem", action="append", choices=list(SUITE), default=None,
                            help="the held-out suite (evaluate --suite, run --task general): a problem to run, "
                                 "repeatable (default all)")
@@ -239,6 +238,18 @@ def _init_distributed(args) -> int:
     return torch.distributed.get_rank()
 
 
+def _check_suite_options(args) -> None:
+    """The suite's options where no suite runs are refused, not ignored."""
+    suite_runs = getattr(args, "suite", False) or (args.command == "run" and TASKS[args.task] is GeneralTask)
+    given = [flag for flag, value in (("--problem", args.problem), ("--net", getattr(args, "net", None)),
+                                      ("--lr", getattr(args, "lr", None) if args.command == "evaluate" else None))
+             if value is not None]
+    if given and not suite_runs:
+        raise SystemExit(f"{', '.join(given)}: for the held-out suite only (evaluate --suite, run --task general)")
+    if args.command == "run" and suite_runs and args.variant:
+        raise SystemExit("--variant: the general task is evaluated on the suite; choose its problems with --problem")
+
+
 def _command(argv) -> str:
     return shlex.join(["python", "-m", "l2l_fused", *(argv or sys.argv[1:])])
 
@@ -254,6 +265,7 @@ def main(argv=None) -> int:
         return 0
     if args.command != "train":
         _variants(args)  # a bad --variant fails before minutes of training
+        _check_suite_options(args)
     rank = 0
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command != "evaluate":
         rank = _init_distributed(args)

@@ -115,3 +115,9 @@ def test_suite_options_are_checked(tmp_path):
         main(["train", "--task", "mlp", "--loss-scale", "1", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         main(["evaluate", "--suite", "--problem", "mnist", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"--net, --lr: for the held-out suite only \(evaluate --suite"):
+        main(["evaluate", "--task", "mlp", "--pretrained", "--net", "general", "--lr", "2", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--problem: for the held-out suite only"):
+        main(["run", "--task", "quadratic", "--problem", "cnn/digits", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--variant: the general task is evaluated on the suite"):
+        main(["run", "--task", "general", "--variant", "base", "--out", str(tmp_path)])

@@ -162,7 +162,8 @@ class Family:
                              scales=scales, loss_scales=loss_scales)
 
     def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.model().parameters())
+        with torch.device("meta"):  # shapes only: no memory, and no draw from the global generator
+            return sum(p.numel() for p in self.model().parameters())
 
 
 @dataclass
