@@ -248,6 +248,8 @@ def _check_suite_options(args) -> None:
         raise SystemExit(f"{', '.join(given)}: for the held-out suite only (evaluate --suite, run --task general)")
     if args.command == "run" and suite_runs and args.variant:
         raise SystemExit("--variant: the general task is evaluated on the suite; choose its problems with --problem")
+    if args.command == "evaluate" and TASKS[args.task] is GeneralTask and not suite_runs:
+        raise SystemExit("--task general: its held-out evaluation is the suite: evaluate --suite --net FILE")
 
 
 def _command(argv) -> str:

@@ -119,5 +119,7 @@ def test_suite_options_are_checked(tmp_path):
         main(["evaluate", "--task", "mlp", "--pretrained", "--net", "general", "--lr", "2", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--problem: for the held-out suite only"):
         main(["run", "--task", "quadratic", "--problem", "cnn/digits", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--task general: its held-out evaluation is the suite"):
+        main(["evaluate", "--task", "general", "--pretrained", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--variant: the general task is evaluated on the suite"):
         main(["run", "--task", "general", "--variant", "base", "--out", str(tmp_path)])

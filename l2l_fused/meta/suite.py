@@ -40,8 +40,8 @@ LAST = 10  # "final loss": the mean of the last LAST losses, which a single nois
 ADAMW_LR = 1e-3  # torch.optim.AdamW's default
 ADAMW_GRID = lr_grid(1e-4, 1e-1, per_decade=2)
 TEST_FUNCTIONS, TUNE_FUNCTIONS = 8, 4  # per problem: sized so the suite takes minutes on 2 cores
-WITHIN = 1.2
-BOUND = 4.0  # the target: final loss within 1.2× of AdamW at its default lr
+WITHIN = 1.2  # the target: final loss within 1.2× of AdamW at its default lr
+BOUND = 4.0  # how far beyond AdamW's largest |θ| a run may end before it counts as blown up (``targets``)
 
 
 def final_loss(losses: Tensor) -> float:
@@ -60,6 +60,11 @@ class SuiteRun:
     def summary(self) -> dict:
         return {"lr": self.lr, "initial": self.losses[0].mean().item(), "final": final_loss(self.losses),
                 "max_abs_param": self.max_abs, "mean_loss_per_step": self.losses.mean(1).tolist()}
+
+
+def _label(run: SuiteRun) -> str:
+    """A run's name with the learning rate that tells AdamW's two runs apart."""
+    return {"AdamW": f"AdamW (lr {run.lr:g})", "AdamW (tuned)": f"AdamW (tuned, lr {run.lr:.3g})"}.get(run.name, run.name)
 
 
 def _run(name: str, lr: float, make_optimizer, problem, steps: int) -> SuiteRun:
@@ -106,8 +111,10 @@ def evaluate_family(family: Family, nets: dict[str, LSTMOptimizerNet], lrs: list
 
 
 def evaluate_suite(nets: dict[str, LSTMOptimizerNet], lrs: list[float] = (1.0,), steps: int = STEPS,
-                   test_functions: int = TEST_FUNCTIONS, tune_functions: int = TUNE_FUNCTIONS, seed: int = 0, backend: str = "auto",
-                   problems: list[str] | None = None, log=print) -> dict[str, dict]:
+                   test_functions: int = TEST_FUNCTIONS, tune_functions: int = TUNE_FUNCTIONS, seed: int = 0,
+                   backend: str = "auto", problems: list[str] | None = None, log=print) -> dict[str, dict]:
+    """:func:`evaluate_family` on each of ``problems`` (default: the whole ``SUITE``), each net at each
+    multiplier in ``lrs``; ``log`` gets each problem's table as it finishes."""
     for name, net in nets.items():
         if not isinstance(net, LSTMOptimizerNet):
             raise TypeError(f"net {name!r}: the suite runs one LSTMOptimizerNet on every parameter, got "
@@ -136,8 +143,7 @@ def table(results: dict[str, dict]) -> str:
             verdict = "" if t is None else ", ".join(
                 [("no divergence" if t["no_divergence"] else "**diverges**"),
                  ("within 1.2×" if t["within"] else "**not within 1.2×**"), ("better" if t["better"] else "worse")])
-            label = run.name if run.name != "AdamW (tuned)" else f"AdamW (tuned, lr {run.lr:.3g})"
-            lines.append(f"| {problem} | {label} | {s['initial']:.4g} | {s['final']:.4g} | {ratio} | "
+            lines.append(f"| {problem} | {_label(run)} | {s['initial']:.4g} | {s['final']:.4g} | {ratio} | "
                          f"{s['max_abs_param']:.3g} | {verdict} |")
     return "\n".join(lines)
 
@@ -165,10 +171,7 @@ def plot(results: dict[str, dict], path: str) -> None:
                              squeeze=False)
     for ax, (name, entry) in zip(axes.flat, results.items()):
         for run in entry["runs"]:
-            label = run.name if run.name != "AdamW (tuned)" else f"AdamW (tuned, lr {run.lr:.3g})"
-            if run.name == "AdamW":
-                label = f"AdamW (lr {run.lr:g})"
-            ax.plot(run.losses.mean(1).numpy(), label=label, linewidth=2 if "AdamW" not in run.name else 1)
+            ax.plot(run.losses.mean(1).numpy(), label=_label(run), linewidth=2 if "AdamW" not in run.name else 1)
         ax.set_yscale("log")
         ax.set_title(name)
         ax.set_xlabel("step")
