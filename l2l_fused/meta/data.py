@@ -203,6 +203,13 @@ def load_dataset(name: str, directory: str | None = None, split: str = "train") 
     return DATASETS[name](directory, split)
 
 
+def split_bounds(n: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of the training, validation and test parts (60/20/20, in ``SPLITS`` order) of n
+    items kept in a fixed order: a corpus's text, a table's permuted rows."""
+    cuts = [0, round(0.6 * n), round(0.8 * n), n]
+    return list(zip(cuts, cuts[1:]))
+
+
 def load_splits(name: str, directory: str | None = None) -> dict[str, Dataset]:
     """Disjoint ``"train"``, ``"val"`` and ``"test"`` images. An embedded set is divided 60/20/20; a set
     with its own test file keeps it as the test images and divides its training file 5:1 into training and

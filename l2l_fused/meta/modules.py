@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from .data import SPLITS, load_splits
+from .data import SPLITS, load_splits, split_bounds
 from .tasks import Problem, draw_minibatch, random_scales, shard_slice
 from .text import CORPORA, corpus_splits
 
@@ -36,8 +36,7 @@ def _breast_cancer() -> dict[str, tuple[Tensor, Tensor]]:
     table = load_breast_cancer()
     x, y = torch.from_numpy(table.data).float(), torch.from_numpy(table.target).long()
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    cuts = [0, round(0.6 * len(y)), round(0.8 * len(y)), len(y)]
-    parts = {s: order[a:b] for s, a, b in zip(SPLITS, cuts, cuts[1:])}
+    parts = {s: order[a:b] for s, (a, b) in zip(SPLITS, split_bounds(len(y)))}
     mean, std = x[parts["train"]].mean(0), x[parts["train"]].std(0)
     return {s: ((x[i] - mean) / std, y[i]) for s, i in parts.items()}
 

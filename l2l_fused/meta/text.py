@@ -10,7 +10,7 @@ import os
 import torch
 from torch import Tensor
 
-from .data import SPLITS, DataError
+from .data import SPLITS, DataError, split_bounds
 
 CORPORA_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "corpora")
 CORPORA = ("python-docs", "python-source")
@@ -44,5 +44,4 @@ def load_corpus(name: str) -> Tensor:
 def corpus_splits(name: str) -> dict[str, Tensor]:
     """Disjoint contiguous 60/20/20 stretches of a corpus for ``"train"``, ``"val"`` and ``"test"``."""
     tokens = load_corpus(name)
-    cuts = [0, round(0.6 * len(tokens)), round(0.8 * len(tokens)), len(tokens)]
-    return {split: tokens[a:b] for split, a, b in zip(SPLITS, cuts, cuts[1:])}
+    return {split: tokens[a:b] for split, (a, b) in zip(SPLITS, split_bounds(len(tokens)))}

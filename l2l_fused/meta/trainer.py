@@ -132,8 +132,8 @@ class MetaTrainer:
         return total / (cfg.steps // cfg.truncation)
 
     def validate(self) -> float:
-        """The meta-objective on the validation functions, per step and function: the mean loss ("sum") or
-        its geometric mean ("log"). A diverged run (inf or NaN) is worse than any finite one."""
+        """The meta-objective on the validation functions, per step and function: the mean loss ("sum"), its
+        geometric mean ("log"), or the mean loss relative to each function's start ("relative"). A diverged run (inf or NaN) is worse than any finite one."""
         losses = learned_losses(self.net, self.validation, self.config.steps, self.backend)
         value = self._mean_over_ranks(OBJECTIVES[self.config.objective](losses[1:], losses[0]).mean()).item()
         if self.config.objective == "log":
