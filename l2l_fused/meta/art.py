@@ -1,0 +1,196 @@
+"""The paper's neural-art task (§3.4): optimize an image's pixels to match one image's content and another's
+style (Gatys et al., 2016), every content-style pair a new problem.
+
+No pretrained VGG can be downloaded here, so the features come from a fixed, seeded, randomly initialised
+multi-scale conv net: random filters support texture synthesis (Ustyuzhaninov et al., 2017, "What does it
+take to generate natural textures?"; He, Wang & Hopcroft, 2016, "A powerful generative model using random
+weights for the deep image representation"). A user with other features passes their own module
+(``features=``, returning a list of feature maps).
+
+Content images are random crops of the two photographs scikit-learn ships (``load_sample_images``), cut
+from disjoint column bands for training, validation and test. Style images are generated textures, so
+nothing is downloaded and any size exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .data import SPLITS
+from .tasks import Problem, Task, shard_slice
+
+# Column bands of the 640-pixel-wide photographs: crops for each split come from its own band only.
+BANDS = {"train": (0, 384), "val": (384, 512), "test": (512, 640)}
+FEATURE_SEED = 0
+CONTENT_LAYER = 1  # the stage whose features the content loss compares
+STYLES = ("stripes", "dots")
+
+
+class RandomFeatures(nn.Module):
+    """Three stages of 3×3 conv (32, 64, 128 channels) and ReLU, 2×2 average pooling between them, He-normal
+    weights from a fixed seed, never trained. ``[B, 3, H, W]`` → the three stages' feature maps."""
+
+    def __init__(self, channels: tuple[int, ...] = (32, 64, 128), seed: int = FEATURE_SEED) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.convs = nn.ModuleList()
+        for i, o in zip((3, *channels), channels):
+            conv = nn.Conv2d(i, o, 3, padding=1)
+            with torch.no_grad():
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * math.sqrt(2 / (9 * i)))
+                conv.bias.zero_()
+            self.convs.append(conv)
+        self.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        features = []
+        for k, conv in enumerate(self.convs):
+            x = torch.relu(conv(x if k == 0 else F.avg_pool2d(x, 2)))
+            features.append(x)
+        return features
+
+
+def gram(features: Tensor) -> Tensor:
+    """``[B, C, H, W]`` → ``[B, C, C]``, normalised by H·W so images of any size compare."""
+    flat = features.flatten(2)
+    return flat @ flat.transpose(1, 2) / flat.shape[-1]
+
+
+def style_image(name: str, size: int) -> Tensor:
+    """A generated texture ``[3, size, size]`` in [0, 1], the same pattern at every size (in units of the
+    image), so the style at 128×128 is the one at 64×64, finer-grained in pixels."""
+    if name not in STYLES:
+        raise ValueError(f"style must be one of {list(STYLES)}, got {name!r}")
+    y, x = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    if name == "stripes":  # diagonal bands, orange on blue
+        t = 0.5 + 0.5 * torch.sin(2 * math.pi * 6 * (x + y))
+        colours = (torch.tensor([0.95, 0.55, 0.1]), torch.tensor([0.1, 0.2, 0.6]))
+    else:  # a grid of round dots, green on pale yellow
+        t = ((torch.sin(2 * math.pi * 8 * x) * torch.sin(2 * math.pi * 8 * y)).abs() > 0.6).float()
+        colours = (torch.tensor([0.1, 0.5, 0.2]), torch.tensor([0.95, 0.9, 0.7]))
+    return t * colours[0].view(3, 1, 1) + (1 - t) * colours[1].view(3, 1, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def photographs() -> Tensor:
+    """scikit-learn's two sample photographs (china.jpg, flower.jpg; CC BY 2.0), ``[2, 3, 427, 640]`` in [0, 1]."""
+    from sklearn.datasets import load_sample_images
+
+    images = [torch.tensor(i).permute(2, 0, 1).float() / 255 for i in load_sample_images().images]
+    return torch.stack(images)
+
+
+def crop_positions(n: int, size: int, split: str, generator: torch.Generator) -> Tensor:
+    """``[n, 3]``: per crop, the photograph, the top row and the left column, inside ``split``'s band."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    count, _, height, _ = photographs().shape
+    left, right = BANDS[split]
+    if size > right - left or size > height:
+        raise ValueError(f"size {size} does not fit the {split} band ({right - left} × {height} pixels)")
+    which = torch.randint(count, (n,), generator=generator)
+    top = torch.randint(height - size + 1, (n,), generator=generator)
+    start = left + torch.randint(right - left - size + 1, (n,), generator=generator)
+    return torch.stack([which, top, start], 1)
+
+
+def content_crops(n: int, size: int, split: str, generator: torch.Generator) -> Tensor:
+    """``n`` random ``size``×``size`` crops ``[n, 3, size, size]`` from ``split``'s column band."""
+    images = photographs()
+    return torch.stack([images[i, :, t:t + size, s:s + size]
+                        for i, t, s in crop_positions(n, size, split, generator).tolist()])
+
+
+@dataclass
+class ArtProblem(Problem):
+    """B images to optimize, each toward its content image's features and the style's Gram matrices."""
+
+    init: Tensor  # [B, 3, H, W]
+    content: Tensor  # [B, 3, H, W]
+    style: Tensor  # [3, H, W]
+    content_weight: float
+    style_weight: float
+    features: Optional[nn.Module] = None  # default: RandomFeatures()
+
+    def __post_init__(self) -> None:
+        self.features = self.features or RandomFeatures()
+
+    @property
+    def params(self) -> list[Tensor]:
+        return [self.init]
+
+    def to(self, device) -> "ArtProblem":
+        moved = super().to(device)
+        moved.features = self.features.to(device)
+        return moved
+
+    def shard(self, index: int, count: int) -> "ArtProblem":
+        part = shard_slice(self.init.shape[0], index, count)
+        return dataclasses.replace(self, init=self.init[part], content=self.content[part])
+
+    def loss(self, params: list[Tensor], step: int) -> Tensor:
+        (image,) = params
+        with torch.no_grad():
+            target = self.features(self.content)[CONTENT_LAYER]
+            grams = [gram(f) for f in self.features(self.style[None])]
+        features = self.features(image)
+        content = (features[CONTENT_LAYER] - target).pow(2).flatten(1).mean(1)
+        style = sum((gram(f) - g).pow(2).flatten(1).mean(1) for f, g in zip(features, grams))
+        return self.content_weight * content + self.style_weight * style
+
+
+class ArtTask(Task):
+    """Functions: a ``size``×``size`` content crop of ``split``'s band, the ``style`` texture, and the image
+    to optimize started from uniform noise. The loss is Gatys et al.'s: ``content_weight`` times the mean
+    squared feature difference at ``CONTENT_LAYER``, plus ``style_weight`` times the mean squared Gram
+    difference summed over every stage. Variants: the paper's transfer tests, to 128×128 and to a new style.
+    """
+
+    name = "neural-art"
+    preprocess_p = 10.0
+    output_scale = 0.1
+    variants = {"base": ({}, None), "size128": ({"size": 128}, None), "new-style": ({"style": "dots"}, None)}
+
+    def __init__(self, size: int = 64, style: str = "stripes", content_weight: float = 1.0,
+                 style_weight: float = 10.0, features: Optional[nn.Module] = None) -> None:
+        if style not in STYLES:
+            raise ValueError(f"style must be one of {list(STYLES)}, got {style!r}")
+        if not isinstance(size, int) or size < 4:
+            raise ValueError(f"size must be an int >= 4, got {size!r}")
+        self.size, self.style = size, style
+        self.content_weight, self.style_weight = content_weight, style_weight
+        self.features = features or RandomFeatures()
+
+    def sample(self, n_functions: int, generator: torch.Generator, split: str = "train") -> ArtProblem:
+        content = content_crops(n_functions, self.size, split, generator)
+        init = torch.rand(content.shape, generator=generator)
+        return ArtProblem(init=init, content=content, style=style_image(self.style, self.size),
+                          content_weight=self.content_weight, style_weight=self.style_weight,
+                          features=self.features)
+
+
+def write_grid(rows: list[tuple[str, list[Tensor]]], path: str, pad: int = 2) -> None:
+    """A PNG of images ``[3, H, W]`` (values clipped to [0, 1]), one row per ``(label, images)``: e.g. per
+    test function, its content, the style, and the image each optimizer reached."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    height = max(i.shape[1] for _, images in rows for i in images)
+    width = max(i.shape[2] for _, images in rows for i in images)
+    cols = max(len(images) for _, images in rows)
+    grid = torch.ones(len(rows) * (height + pad), cols * (width + pad), 3)
+    for r, (_, images) in enumerate(rows):
+        for c, image in enumerate(images):
+            top, left = r * (height + pad), c * (width + pad)
+            grid[top:top + image.shape[1], left:left + image.shape[2]] = image.detach().clamp(0, 1).permute(1, 2, 0)
+    plt.imsave(path, grid.numpy())
