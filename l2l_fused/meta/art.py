@@ -194,3 +194,24 @@ def write_grid(rows: list[tuple[str, list[Tensor]]], path: str, pad: int = 2) ->
             top, left = r * (height + pad), c * (width + pad)
             grid[top:top + image.shape[1], left:left + image.shape[2]] = image.detach().clamp(0, 1).permute(1, 2, 0)
     plt.imsave(path, grid.numpy())
+
+
+def render(task: ArtTask, net: nn.Module, runs: list, steps: int, test_seed: int, path: str, rows: int = 3,
+           backend: str = "auto") -> None:
+    """The grid for ``rows`` test functions drawn from ``test_seed``: content, style, then the image every
+    run in ``runs`` (``evaluate``'s, the bf16-state twin left out) reached after ``steps`` steps, the
+    learned optimizer through ``L2LOptimizer`` and each baseline at its tuned lr."""
+    from ..optim import L2LOptimizer
+    from .baselines import BASELINES, optimize
+    from .evaluate import LEARNED_BF16
+
+    problem = task.sample(rows, torch.Generator().manual_seed(test_seed), "test")
+    reached = []
+    for run in (r for r in runs if r.name != LEARNED_BF16):
+        if run.lr is None:
+            make = lambda ps: L2LOptimizer(ps, net=net, backend=backend)  # noqa: E731
+        else:
+            make = lambda ps, run=run: BASELINES[run.name](ps, run.lr)  # noqa: E731
+        reached.append(optimize(make, problem, steps)[1][0])
+    write_grid([(f"function {r}", [problem.content[r], problem.style, *(images[r] for images in reached)])
+                for r in range(rows)], path)
