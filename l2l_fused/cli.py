@@ -24,8 +24,9 @@ from dataclasses import asdict, fields
 
 import torch
 
-from .meta import SUITE, TASKS, ClassificationTask, GeneralTask, MetaTrainer, TrainConfig, load_best_net
+from .meta import SUITE, TASKS, ArtTask, ClassificationTask, GeneralTask, MetaTrainer, TrainConfig, load_best_net
 from .meta import suite
+from .meta.art import render
 from .meta.classification import DEFAULT_DATA, INITS
 from .meta.evaluate import evaluate, plot, table, write_json
 from .pretrained_nets import PRETRAINED, export, load_net, pretrained
@@ -194,6 +195,10 @@ def _evaluate(args, out: str, net, source: str, seed: int, steps: int | None, ex
             plot(runs, os.path.join(out, "loss.png" if name == "base" else f"loss-{name}.png"),
                  f"{task.name} ({variant}{'' if init is None else f', {init} init'}): "
                  f"mean loss over {sizes['test_functions']} test functions")
+            if isinstance(task, ArtTask):  # the pictures: what each optimizer made of the first test images
+                render(task, net, runs, k, sizes["test_functions"], seed + 3,
+                       os.path.join(out, "grid.png" if name == "base" else f"grid-{name}.png"),
+                       backend=args.backend, device=args.device)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write("\n".join(report))
     write_json(
@@ -202,7 +207,7 @@ def _evaluate(args, out: str, net, source: str, seed: int, steps: int | None, ex
         net=source, backend=args.backend, device=args.device, torch=torch.__version__,
         machine=platform.machine(), processor=platform.processor(), cpu_count=os.cpu_count(), **extra,
     )
-    print(f"wrote {out}/table.md, results.json, plots")
+    print(f"wrote {out}/table.md, results.json, plots{', pictures' if TASKS[args.task] is ArtTask else ''}")
 
 
 def _suite(args, out: str, nets: dict, extra: dict) -> None:

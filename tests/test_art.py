@@ -1,28 +1,39 @@
-"""The neural-art task: its loss against a direct computation, its gradients, its data, the picture."""
+"""The neural-art task: its loss against a direct computation, its gradients, its data, meta-training on it,
+the picture."""
 
 import pytest
 import torch
+from torch import nn
 
 pytest.importorskip("sklearn")
 
-from l2l_fused.meta.art import (BANDS, CONTENT_LAYER, ArtTask, RandomFeatures, content_crops, crop_positions, gram,
+from l2l_fused.meta import MetaTrainer, TrainConfig
+from l2l_fused.meta.art import (BANDS, ArtProblem, ArtTask, RandomFeatures, content_crops, crop_positions, gram,
                                 photographs, style_image, write_grid)
 
+PNG = b"\x89PNG\r\n\x1a\n"
 
-def test_loss_matches_a_direct_computation_on_a_tiny_image(seed):
+
+def _double_problem(seed: int, size: int, content_layer: int, **weights) -> ArtProblem:
+    """Test content crops and the style in float64, through small random features in float64."""
+    features = RandomFeatures(channels=(4, 5, 6), seed=seed % 1000).double()
+    generator = torch.Generator().manual_seed(seed)
+    content = content_crops(3, size, "test", generator).double()
+    return ArtProblem(init=content.clone(), content=content, style=style_image("dots", size).double(),
+                      features=features, content_layer=content_layer, **weights)
+
+
+@pytest.mark.parametrize("content_layer", [1, 2])
+def test_loss_matches_a_direct_computation_on_a_tiny_image(seed, content_layer):
     """Gatys et al.'s loss written out with explicit sums on an 8×8 image, in float64 (only summation order
     differs: ~1e-15 relative)."""
-    torch.manual_seed(seed)
-    features = RandomFeatures(channels=(4, 5, 6), seed=seed % 1000).double()
-    task = ArtTask(size=8, content_weight=0.7, style_weight=3.0, features=features)
-    problem = task.sample(3, torch.Generator().manual_seed(seed), "test")
+    problem = _double_problem(seed, 8, content_layer, content_weight=0.7, style_weight=3.0)
+    features = problem.features
     image = torch.rand(3, 3, 8, 8, dtype=torch.float64)
-    problem.content, problem.style = problem.content.double(), problem.style.double()
     got = problem.loss([image], 0)
     for b in range(3):
-        x, c, s = image[b:b + 1], problem.content[b:b + 1], problem.style[None]
-        fx, fc, fs = features(x), features(c), features(s)
-        diff = fx[CONTENT_LAYER] - fc[CONTENT_LAYER]
+        fx, fc, fs = features(image[b:b + 1]), features(problem.content[b:b + 1]), features(problem.style[None])
+        diff = fx[content_layer] - fc[content_layer]
         content = (diff * diff).sum() / diff.numel()
         style = 0
         for a, t in zip(fx, fs):
@@ -30,15 +41,56 @@ def test_loss_matches_a_direct_computation_on_a_tiny_image(seed):
             ga = torch.einsum("cij,dij->cd", a[0], a[0]) / n
             gt = torch.einsum("cij,dij->cd", t[0], t[0]) / n
             style = style + ((ga - gt) ** 2).sum() / ga.numel()
-        torch.testing.assert_close(got[b], 0.7 * content + 3.0 * style, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(got[b], 64 * (0.7 * content + 3.0 * style), rtol=1e-12, atol=1e-12)
 
 
 def test_gradients_match_finite_differences(seed):
-    features = RandomFeatures(channels=(3, 4, 5), seed=seed % 1000).double()
-    problem = ArtTask(size=4, features=features).sample(2, torch.Generator().manual_seed(seed), "train")
-    problem.content, problem.style = problem.content.double(), problem.style.double()
-    image = torch.rand(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    problem = _double_problem(seed, 4, 1, content_weight=1.0, style_weight=10.0)
+    image = torch.rand(3, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     torch.autograd.gradcheck(lambda x: problem.loss([x], 0), (image,))
+
+
+def test_a_pixels_gradient_has_one_scale_at_every_size(seed):
+    """The loss is summed over pixels, so doubling the side leaves a pixel's gradient the same size (within
+    2x: the images differ); a mean over pixels would shrink it 4x."""
+    scales = []
+    for size in (32, 64):
+        problem = ArtTask(size=size, init="noise").sample(4, torch.Generator().manual_seed(seed), "val")
+        image = problem.init.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(problem.loss([image], 0).sum(), image)
+        scales.append(grad.abs().mean().item())
+    assert 0.5 < scales[1] / scales[0] < 2, scales
+
+
+def test_functions_start_at_their_content_or_at_noise_and_split_exactly(seed):
+    task = ArtTask(size=16)
+    problem = task.sample(4, torch.Generator().manual_seed(seed), "train")
+    assert torch.equal(problem.init, problem.content)
+    pure_style = ArtTask(size=16, content_weight=0.0).sample(4, torch.Generator().manual_seed(seed), "train")
+    torch.testing.assert_close(problem.loss(problem.params, 0), pure_style.loss(problem.params, 0))  # content 0
+
+    noise = ArtTask(size=16, init="noise").sample(4, torch.Generator().manual_seed(seed), "train")
+    assert torch.equal(noise.content, problem.content) and not torch.equal(noise.init, noise.content)
+    assert 0 <= noise.init.min() and noise.init.max() <= 1 and noise.init.std() > 0.2
+
+    image = torch.rand(4, 3, 16, 16)
+    whole = problem.loss([image], 0)
+    halves = [problem.shard(i, 2) for i in range(2)]
+    torch.testing.assert_close(torch.cat([h.loss([image[2 * i:2 * i + 2]], 0) for i, h in enumerate(halves)]), whole)
+    assert torch.equal(problem.select(slice(1)).content_target, problem.content_target[:1])
+
+
+def test_bad_options_are_refused_by_name():
+    for options, message in (({"style": "cubism"}, "style must be one of"), ({"size": 2}, "size must be an int"),
+                             ({"init": "zeros"}, "init must be one of"), ({"style_weight": -1.0}, "style_weight must"),
+                             ({"content_weight": float("nan")}, "content_weight must")):
+        with pytest.raises(ValueError, match=message):
+            ArtTask(**options)
+    with pytest.raises(ValueError, match="features must return a list of feature maps with an entry at "
+                                         "content_layer 1, got Tensor"):
+        ArtTask(size=8, features=nn.Conv2d(3, 4, 3)).sample(1, torch.Generator(), "val")
+    with pytest.raises(ValueError, match="content_layer 5"):
+        ArtTask(size=8, content_layer=5).sample(1, torch.Generator(), "val")
 
 
 def test_content_crops_come_from_their_splits_band(seed):
@@ -54,21 +106,45 @@ def test_content_crops_come_from_their_splits_band(seed):
     assert content_crops(1, 128, "test", torch.Generator()).shape == (1, 3, 128, 128)
     with pytest.raises(ValueError, match="does not fit the val band"):
         content_crops(1, 200, "val", torch.Generator())
+    with pytest.raises(ValueError, match="split must be one of"):
+        content_crops(1, 8, "holdout", torch.Generator())
 
 
 def test_styles_are_textures_in_range_and_gram_is_size_free():
     for name in ("stripes", "dots"):
         small, large = style_image(name, 64), style_image(name, 128)
-        assert small.shape == (3, 64, 64) and 0 <= small.min() and small.max() <= 1
-        assert small.std() > 0.1
+        assert small.shape == (3, 64, 64) and large.shape == (3, 128, 128)
+        assert 0 <= small.min() and small.max() <= 1 and small.std() > 0.1
+        # the same pattern at both sizes: its colour statistics agree
+        torch.testing.assert_close(small.mean((1, 2)), large.mean((1, 2)), atol=0.02, rtol=0)
+    assert not torch.equal(style_image("stripes", 16), style_image("dots", 16))
     f = torch.rand(2, 5, 7, 9)
     torch.testing.assert_close(gram(f), torch.einsum("bcn,bdn->bcd", f.flatten(2), f.flatten(2)) / 63)
     with pytest.raises(ValueError, match="style must be one of"):
         style_image("cubism", 8)
 
 
-def test_grid_is_written(tmp_path):
+def test_short_meta_training_lowers_the_meta_loss(seed):
+    """φ starts doing nothing (zero head, Δ = 0), so validation starts at the untrained loss (1 per step,
+    relative); the task's recipe cut to seconds must bring it down."""
+    task = ArtTask(size=16)
+    config = TrainConfig(**{**task.train_defaults, "epochs": 3, "iterations_per_epoch": 3, "batch_size": 2,
+                            "steps": 10, "truncation": 5, "val_functions": 2, "lr": 3e-2, "seed": seed % 1000})
+    torch.manual_seed(seed)
+    net = task.make_net()
+    nn.init.zeros_(net.head.weight)
+    nn.init.zeros_(net.head.bias)
+    trainer = MetaTrainer(net, task, config)
+    before = trainer.validate()
+    state = trainer.train(progress=False)
+    # over 5 seeds: 0.30-0.52 of before
+    assert before == pytest.approx(1.0) and state.best_val < 0.8 * before, (before, state.history)
+
+
+def test_grid_is_written_and_checks_its_columns(tmp_path):
     path = tmp_path / "grid.png"
-    rows = [("a", [torch.rand(3, 8, 8), style_image("dots", 8)]), ("b", [torch.zeros(3, 8, 8)])]
-    write_grid(rows, str(path))
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [[torch.rand(3, 8, 8), style_image("dots", 8)], [torch.zeros(3, 8, 8), torch.ones(3, 8, 8) * 2]]
+    write_grid(rows, ["content", "style"], str(path))
+    assert path.read_bytes()[:8] == PNG
+    with pytest.raises(ValueError, match=r"one image per column \(3\)"):
+        write_grid(rows, ["content", "style", "Adam"], str(tmp_path / "bad.png"))

@@ -123,3 +123,20 @@ def test_suite_options_are_checked(tmp_path):
         main(["evaluate", "--task", "general", "--pretrained", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--variant: the general task is evaluated on the suite"):
         main(["run", "--task", "general", "--variant", "base", "--out", str(tmp_path)])
+
+
+def test_neural_art_run_writes_the_pictures_for_every_variant(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    out = tmp_path / "art"
+    argv = ["run", "--task", "neural-art", "--out", str(out), "--no-progress", "--epochs", "1",
+            "--iterations-per-epoch", "1", "--batch-size", "2", "--steps", "4", "--truncation", "2",
+            "--val-functions", "2", "--test-functions", "2", "--tune-functions", "1"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())["variants"]
+    assert set(results) == {"base", "size128", "new-style"}
+    assert results["size128"]["options"] == {"size": 128} and results["new-style"]["options"] == {"style": "dots"}
+    for grid in ("grid.png", "grid-size128.png", "grid-new-style.png"):
+        assert (out / grid).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "wrote" in capsys.readouterr().out and (out / "loss-size128.png").exists()
+    with pytest.raises(SystemExit, match="--init: not an option of the neural-art task"):
+        main(["train", "--task", "neural-art", "--init", "torch", "--out", str(out)])

@@ -24,7 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..optim import L2LOptimizer
+from .baselines import BASELINES, optimize
 from .data import SPLITS
+from .evaluate import LEARNED_BF16
 from .tasks import Problem, Task, shard_slice
 
 # Column bands of the 640-pixel-wide photographs: crops for each split come from its own band only.
@@ -32,6 +35,7 @@ BANDS = {"train": (0, 384), "val": (384, 512), "test": (512, 640)}
 FEATURE_SEED = 0
 CONTENT_LAYER = 1  # the stage whose features the content loss compares
 STYLES = ("stripes", "dots")
+INITS = ("content", "noise")
 
 
 class RandomFeatures(nn.Module):
@@ -111,7 +115,8 @@ def content_crops(n: int, size: int, split: str, generator: torch.Generator) -> 
 
 @dataclass
 class ArtProblem(Problem):
-    """B images to optimize, each toward its content image's features and the style's Gram matrices."""
+    """B images to optimize, each toward its content image's features and the style's Gram matrices. The
+    targets (the content's features and the style's Gram matrices) are computed once, at construction."""
 
     init: Tensor  # [B, 3, H, W]
     content: Tensor  # [B, 3, H, W]
@@ -119,9 +124,20 @@ class ArtProblem(Problem):
     content_weight: float
     style_weight: float
     features: Optional[nn.Module] = None  # default: RandomFeatures()
+    content_layer: int = CONTENT_LAYER
+    content_target: Optional[Tensor] = None  # the content's features at content_layer
+    style_grams: Optional[list[Tensor]] = None  # the style's Gram matrix at every stage, each [C, C]
 
     def __post_init__(self) -> None:
         self.features = self.features or RandomFeatures()
+        if self.content_target is None or self.style_grams is None:
+            with torch.no_grad():
+                content, style = self.features(self.content), self.features(self.style[None])
+            if not isinstance(content, (list, tuple)) or not len(content) > self.content_layer >= 0:
+                raise ValueError(f"features must return a list of feature maps with an entry at content_layer "
+                                 f"{self.content_layer}, got {type(content).__name__}")
+            self.content_target = content[self.content_layer]
+            self.style_grams = [gram(f)[0] for f in style]
 
     @property
     def params(self) -> list[Tensor]:
@@ -132,86 +148,102 @@ class ArtProblem(Problem):
         moved.features = self.features.to(device)
         return moved
 
+    def select(self, part: slice) -> "ArtProblem":
+        """Functions ``part`` of this batch, exactly as they are here."""
+        return dataclasses.replace(self, init=self.init[part], content=self.content[part],
+                                   content_target=self.content_target[part])
+
     def shard(self, index: int, count: int) -> "ArtProblem":
-        part = shard_slice(self.init.shape[0], index, count)
-        return dataclasses.replace(self, init=self.init[part], content=self.content[part])
+        return self.select(shard_slice(self.init.shape[0], index, count))
 
     def loss(self, params: list[Tensor], step: int) -> Tensor:
         (image,) = params
-        with torch.no_grad():
-            target = self.features(self.content)[CONTENT_LAYER]
-            grams = [gram(f) for f in self.features(self.style[None])]
         features = self.features(image)
-        content = (features[CONTENT_LAYER] - target).pow(2).flatten(1).mean(1)
-        style = sum((gram(f) - g).pow(2).flatten(1).mean(1) for f, g in zip(features, grams))
-        return self.content_weight * content + self.style_weight * style
+        content = (features[self.content_layer] - self.content_target).pow(2).flatten(1).mean(1)
+        style = sum((gram(f) - g).pow(2).flatten(1).mean(1) for f, g in zip(features, self.style_grams))
+        # Summed over the image's pixels, so a pixel's gradient has one scale at 64×64 and at 128×128.
+        return image[0, 0].numel() * (self.content_weight * content + self.style_weight * style)
 
 
 class ArtTask(Task):
-    """Functions: a ``size``×``size`` content crop of ``split``'s band, the ``style`` texture, and the image
-    to optimize started from uniform noise. The loss is Gatys et al.'s: ``content_weight`` times the mean
-    squared feature difference at ``CONTENT_LAYER``, plus ``style_weight`` times the mean squared Gram
-    difference summed over every stage. Variants: the paper's transfer tests, to 128×128 and to a new style.
-    """
+    """Functions: a ``size``×``size`` content crop of ``split``'s band and the ``style`` texture. The loss is
+    Gatys et al.'s: ``content_weight`` times the mean squared feature difference at ``content_layer``, plus
+    ``style_weight`` times the mean squared Gram difference summed over every stage, times the pixel count.
+    The image starts as the content crop (``init="content"``, so 100 steps show the style on the photograph)
+    or as uniform noise (``"noise"``, as Gatys et al. did). ``features``: any module mapping ``[B, 3, H, W]``
+    to a list of feature maps (default :class:`RandomFeatures`). Variants: the paper's transfer tests, to
+    128×128 and to a new style. φ is the paper's (p = 10, output scale 0.1)."""
 
     name = "neural-art"
     preprocess_p = 10.0
     output_scale = 0.1
     variants = {"base": ({}, None), "size128": ({"size": 128}, None), "new-style": ({"style": "dots"}, None)}
+    train_defaults = {"batch_size": 8, "epochs": 12, "iterations_per_epoch": 10, "lr": 3e-4,
+                      "objective": "relative", "val_functions": 8}
+    eval_defaults = {"test_functions": 16, "tune_functions": 4}
 
     def __init__(self, size: int = 64, style: str = "stripes", content_weight: float = 1.0,
-                 style_weight: float = 10.0, features: Optional[nn.Module] = None) -> None:
+                 style_weight: float = 30.0, init: str = "content", features: Optional[nn.Module] = None,
+                 content_layer: int = CONTENT_LAYER) -> None:
         if style not in STYLES:
             raise ValueError(f"style must be one of {list(STYLES)}, got {style!r}")
         if not isinstance(size, int) or size < 4:
             raise ValueError(f"size must be an int >= 4, got {size!r}")
-        self.size, self.style = size, style
+        if init not in INITS:
+            raise ValueError(f"init must be one of {list(INITS)}, got {init!r}")
+        for name, value in (("content_weight", content_weight), ("style_weight", style_weight)):
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        self.size, self.style, self.init, self.content_layer = size, style, init, content_layer
         self.content_weight, self.style_weight = content_weight, style_weight
         self.features = features or RandomFeatures()
 
     def sample(self, n_functions: int, generator: torch.Generator, split: str = "train") -> ArtProblem:
         content = content_crops(n_functions, self.size, split, generator)
-        init = torch.rand(content.shape, generator=generator)
+        init = content.clone() if self.init == "content" else torch.rand(content.shape, generator=generator)
         return ArtProblem(init=init, content=content, style=style_image(self.style, self.size),
                           content_weight=self.content_weight, style_weight=self.style_weight,
-                          features=self.features)
+                          features=self.features, content_layer=self.content_layer)
 
 
-def write_grid(rows: list[tuple[str, list[Tensor]]], path: str, pad: int = 2) -> None:
-    """A PNG of images ``[3, H, W]`` (values clipped to [0, 1]), one row per ``(label, images)``: e.g. per
-    test function, its content, the style, and the image each optimizer reached."""
+def write_grid(rows: list[list[Tensor]], columns: list[str], path: str) -> None:
+    """A PNG of images ``[3, H, W]`` (values clipped to [0, 1]), one row per list, ``columns`` the titles
+    above the first row: e.g. per test function its content, the style, and the image each optimizer reached."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    height = max(i.shape[1] for _, images in rows for i in images)
-    width = max(i.shape[2] for _, images in rows for i in images)
-    cols = max(len(images) for _, images in rows)
-    grid = torch.ones(len(rows) * (height + pad), cols * (width + pad), 3)
-    for r, (_, images) in enumerate(rows):
-        for c, image in enumerate(images):
-            top, left = r * (height + pad), c * (width + pad)
-            grid[top:top + image.shape[1], left:left + image.shape[2]] = image.detach().clamp(0, 1).permute(1, 2, 0)
-    plt.imsave(path, grid.numpy())
+    if any(len(row) != len(columns) for row in rows):
+        raise ValueError(f"every row must hold one image per column ({len(columns)})")
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(1.6 * len(columns), 1.6 * len(rows) + 0.3),
+                             squeeze=False)
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            axes[r, c].imshow(image.detach().cpu().clamp(0, 1).permute(1, 2, 0).numpy())
+            axes[r, c].set_axis_off()
+    for c, title in enumerate(columns):
+        axes[0, c].set_title(title, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
-def render(task: ArtTask, net: nn.Module, runs: list, steps: int, test_seed: int, path: str, rows: int = 3,
-           backend: str = "auto") -> None:
-    """The grid for ``rows`` test functions drawn from ``test_seed``: content, style, then the image every
-    run in ``runs`` (``evaluate``'s, the bf16-state twin left out) reached after ``steps`` steps, the
-    learned optimizer through ``L2LOptimizer`` and each baseline at its tuned lr."""
-    from ..optim import L2LOptimizer
-    from .baselines import BASELINES, optimize
-    from .evaluate import LEARNED_BF16
-
-    problem = task.sample(rows, torch.Generator().manual_seed(test_seed), "test")
-    reached = []
+def render(task: ArtTask, net: nn.Module, runs: list, steps: int, test_functions: int, test_seed: int, path: str,
+           rows: int = 3, backend: str = "auto", device="cpu") -> None:
+    """The grid for the first ``rows`` of ``evaluate``'s test functions (``test_functions`` drawn from
+    ``test_seed``): content, style, then the image each run in ``runs`` (``evaluate``'s, the bf16-state twin
+    left out) reached after ``steps`` steps: the learned optimizer through ``L2LOptimizer``, each baseline
+    at its tuned lr."""
+    generator = torch.Generator().manual_seed(test_seed)
+    problem = task.sample(test_functions, generator, "test").select(slice(rows)).to(device)
+    columns, reached = ["content", "style"], []
     for run in (r for r in runs if r.name != LEARNED_BF16):
         if run.lr is None:
             make = lambda ps: L2LOptimizer(ps, net=net, backend=backend)  # noqa: E731
         else:
             make = lambda ps, run=run: BASELINES[run.name](ps, run.lr)  # noqa: E731
         reached.append(optimize(make, problem, steps)[1][0])
-    write_grid([(f"function {r}", [problem.content[r], problem.style, *(images[r] for images in reached)])
-                for r in range(rows)], path)
+        columns.append(run.name if run.lr is None else f"{run.name} (lr {run.lr:.3g})")
+    write_grid([[problem.content[r], problem.style, *(images[r] for images in reached)]
+                for r in range(min(rows, problem.init.shape[0]))], columns, path)
