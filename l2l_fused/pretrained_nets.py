@@ -15,7 +15,8 @@ from .net import Nets, net_from_config
 WEIGHTS = os.path.join(os.path.dirname(__file__), "weights")
 # "mlp" and "conv" are meta-trained on real MNIST; the "-digits" nets, on the 8×8 digits, are what they
 # start from. "general" (from "mlp") on a mixture of MLPs, CNNs and transformers: the one for other models.
-PRETRAINED = ("quadratic", "mlp", "conv", "mlp-digits", "conv-digits", "general")
+# "neural-art" (from "general") on the pixels of 64×64 style-transfer images.
+PRETRAINED = ("quadratic", "mlp", "conv", "mlp-digits", "conv-digits", "general", "neural-art")
 
 
 def _path(name: str) -> str:
@@ -36,7 +37,8 @@ def pretrained(name: str) -> Nets:
     norm and tiny transformers: the one for a model of your own), ``"quadratic"`` (raw gradients, output
     scale 1), ``"mlp"`` (the paper's MNIST MLP; p = 10, output scale 0.1), each an ``LSTMOptimizerNet``; or
     ``"conv"``, an ``nn.ModuleDict`` with one net for convolution parameters (``"conv"``) and one for the
-    rest (``"fc"``): pass ``param_groups_by_layer(model, pretrained("conv"))`` to ``L2LOptimizer``."""
+    rest (``"fc"``): pass ``param_groups_by_layer(model, pretrained("conv"))`` to ``L2LOptimizer``;
+    ``"neural-art"``, an ``LSTMOptimizerNet`` for an image's pixels under a style-transfer loss."""
     return load_net(_path(name)).requires_grad_(False)
 
 

