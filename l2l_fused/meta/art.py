@@ -77,7 +77,7 @@ def style_image(name: str, size: int) -> Tensor:
     if name == "stripes":  # diagonal bands, orange on blue
         t = 0.5 + 0.5 * torch.sin(2 * math.pi * 6 * (x + y))
         colours = (torch.tensor([0.95, 0.55, 0.1]), torch.tensor([0.1, 0.2, 0.6]))
-    else:  # a grid of round dots, green on pale yellow
+    else:  # a grid of spots, green on pale yellow
         t = ((torch.sin(2 * math.pi * 8 * x) * torch.sin(2 * math.pi * 8 * y)).abs() > 0.6).float()
         colours = (torch.tensor([0.1, 0.5, 0.2]), torch.tensor([0.95, 0.9, 0.7]))
     return t * colours[0].view(3, 1, 1) + (1 - t) * colours[1].view(3, 1, 1)
