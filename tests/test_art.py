@@ -125,8 +125,8 @@ def test_styles_are_textures_in_range_and_gram_is_size_free():
 
 
 def test_short_meta_training_lowers_the_meta_loss(seed):
-    """φ starts doing nothing (zero head, Δ = 0), so validation starts at the untrained loss (1 per step,
-    relative); the task's recipe cut to seconds must bring it down."""
+    """φ starts doing nothing (zero head, Δ = 0), so validation starts at the untrained loss; the task's
+    recipe (its objective, log) cut to seconds must bring it down."""
     task = ArtTask(size=16)
     config = TrainConfig(**{**task.train_defaults, "epochs": 3, "iterations_per_epoch": 3, "batch_size": 2,
                             "steps": 10, "truncation": 5, "val_functions": 2, "lr": 3e-2, "seed": seed % 1000})
@@ -137,8 +137,7 @@ def test_short_meta_training_lowers_the_meta_loss(seed):
     trainer = MetaTrainer(net, task, config)
     before = trainer.validate()
     state = trainer.train(progress=False)
-    # over 5 seeds: 0.30-0.52 of before
-    assert before == pytest.approx(1.0) and state.best_val < 0.8 * before, (before, state.history)
+    assert state.best_val < 0.8 * before, (before, state.history)  # over 5 seeds: 0.20-0.40 of before
 
 
 def test_grid_is_written_and_checks_its_columns(tmp_path):
