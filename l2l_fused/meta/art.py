@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..optim import L2LOptimizer
 from .baselines import BASELINES, optimize
-from .data import SPLITS
+from .data import check_split
 from .evaluate import LEARNED_BF16
 from .tasks import Problem, Task, shard_slice
 
@@ -94,8 +94,7 @@ def photographs() -> Tensor:
 
 def crop_positions(n: int, size: int, split: str, generator: torch.Generator) -> Tensor:
     """``[n, 3]``: per crop, the photograph, the top row and the left column, inside ``split``'s band."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    check_split(split)
     count, _, height, _ = photographs().shape
     left, right = BANDS[split]
     if size > right - left or size > height:
@@ -129,7 +128,8 @@ class ArtProblem(Problem):
     style_grams: Optional[list[Tensor]] = None  # the style's Gram matrix at every stage, each [C, C]
 
     def __post_init__(self) -> None:
-        self.features = self.features or RandomFeatures()
+        if self.features is None:
+            self.features = RandomFeatures()
         if self.content_target is None or self.style_grams is None:
             with torch.no_grad():
                 content, style = self.features(self.content), self.features(self.style[None])
@@ -196,7 +196,7 @@ class ArtTask(Task):
                 raise ValueError(f"{name} must be >= 0, got {value}")
         self.size, self.style, self.init, self.content_layer = size, style, init, content_layer
         self.content_weight, self.style_weight = content_weight, style_weight
-        self.features = features or RandomFeatures()
+        self.features = RandomFeatures() if features is None else features
 
     def sample(self, n_functions: int, generator: torch.Generator, split: str = "train") -> ArtProblem:
         content = content_crops(n_functions, self.size, split, generator)
@@ -246,4 +246,4 @@ def render(task: ArtTask, net: nn.Module, runs: list, steps: int, test_functions
         reached.append(optimize(make, problem, steps)[1][0])
         columns.append(run.name if run.lr is None else f"{run.name} (lr {run.lr:.3g})")
     write_grid([[problem.content[r], problem.style, *(images[r] for images in reached)]
-                for r in range(min(rows, problem.init.shape[0]))], columns, path)
+                for r in range(problem.init.shape[0])], columns, path)

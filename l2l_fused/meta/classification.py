@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .data import SPLITS, Dataset, load_splits
+from .data import Dataset, check_split, load_splits
 from .tasks import Problem, Task, draw_minibatch, random_scales, shard_slice
 
 ACTIVATIONS = {"sigmoid": torch.sigmoid, "relu": torch.relu}
@@ -187,8 +187,7 @@ class ClassificationTask(Task):
         return None if groups is None else tuple(groups)
 
     def sample(self, n_functions: int, generator: torch.Generator, split: str = "train") -> ClassificationProblem:
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+        check_split(split)
         init = self._init(n_functions, generator)
         seed = int(torch.randint(2**62, (), generator=generator))
         scales = None

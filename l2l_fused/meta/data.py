@@ -189,6 +189,11 @@ DATASETS = {**EMBEDDED, "mnist": load_mnist, "cifar10": load_cifar10}
 SPLITS = ("train", "val", "test")
 
 
+def check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+
+
 def load_dataset(name: str, directory: str | None = None, split: str = "train") -> Dataset:
     """``"mnist5k"`` or ``"digits"`` (embedded, the whole set), or ``"mnist"`` / ``"cifar10"`` from
     ``directory`` (its ``split`` file, "train" or "test")."""

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from .data import SPLITS, load_splits, split_bounds
+from .data import SPLITS, check_split, load_splits, split_bounds
 from .tasks import Problem, draw_minibatch, random_scales, shard_slice
 from .text import CORPORA, corpus_splits
 
@@ -138,8 +138,7 @@ class Family:
         """``n_functions`` copies initialised from a seed drawn with ``generator``, on ``split``'s data.
         ``param_scale`` = λ > 0: random parameter scaling (``random_scales``); ``loss_scale`` = μ > 0: each
         function's loss times exp(U(−μ, μ)). Both change the gradients' scale, not the function's minima."""
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+        check_split(split)
         seed = int(torch.randint(2**62, (), generator=generator))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
