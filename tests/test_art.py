@@ -128,7 +128,7 @@ def test_short_meta_training_lowers_the_meta_loss(seed):
     """φ starts doing nothing (zero head, Δ = 0), so validation starts at the untrained loss; the task's
     recipe (its objective, log) cut to seconds must bring it down."""
     task = ArtTask(size=16)
-    config = TrainConfig(**{**task.train_defaults, "epochs": 3, "iterations_per_epoch": 3, "batch_size": 2,
+    config = TrainConfig(**{**task.train_defaults, "epochs": 5, "iterations_per_epoch": 3, "batch_size": 2,
                             "steps": 10, "truncation": 5, "val_functions": 2, "lr": 3e-2, "seed": seed % 1000})
     torch.manual_seed(seed)
     net = task.make_net()
@@ -137,7 +137,8 @@ def test_short_meta_training_lowers_the_meta_loss(seed):
     trainer = MetaTrainer(net, task, config)
     before = trainer.validate()
     state = trainer.train(progress=False)
-    assert state.best_val < 0.8 * before, (before, state.history)  # over 5 seeds: 0.20-0.40 of before
+    # With 3 epochs, 5 seeds gave 0.20-0.40 of before, but CI seed 1821081315 gave 0.81: 5 epochs pass it.
+    assert state.best_val < 0.8 * before, (before, state.history)
 
 
 def test_grid_is_written_and_checks_its_columns(tmp_path):
